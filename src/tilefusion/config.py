@@ -1,0 +1,124 @@
+"""The run configuration: JSON-schema validation, defaults and semantic checks.
+
+The schema (``schemas/config.schema.yaml``) is the one home of every key, its
+type, description and default; the workflow validates with the same file.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from tilefusion.errors import InputError
+
+__all__ = ["config_digest", "load_config", "read_config_file", "schema"]
+
+
+def schema() -> dict[str, Any]:
+    """Return the configuration JSON schema."""
+    text = resources.files("tilefusion").joinpath("schemas/config.schema.yaml").read_text()
+    loaded: dict[str, Any] = yaml.safe_load(text)
+    return loaded
+
+
+def _fill_defaults(node: dict[str, Any], sub_schema: Mapping[str, Any]) -> None:
+    for key, prop in sub_schema.get("properties", {}).items():
+        if key not in node and "default" in prop:
+            node[key] = copy.deepcopy(prop["default"])
+        if isinstance(node.get(key), dict) and prop.get("type") == "object":
+            _fill_defaults(node[key], prop)
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def _describe(error: jsonschema.ValidationError) -> tuple[str, str]:
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        prefix = _key_path(error)
+        key = extra[0] if prefix == "(top level)" else f"{prefix}.{extra[0]}"
+        return key, f"unknown key; allowed here: {', '.join(allowed)}"
+    if error.validator == "enum":
+        return _key_path(error), (
+            f"{error.instance!r} is not one of {', '.join(map(str, error.validator_value))}"
+        )
+    return _key_path(error), error.message
+
+
+def load_config(raw: Mapping[str, Any] | None, *, source: str = "config") -> dict[str, Any]:
+    """Validate a configuration and return it with every default filled in.
+
+    Parameters
+    ----------
+    raw : mapping
+        The configuration as read from YAML (or Snakemake's ``config``).
+    source : str
+        Name used in error messages (the config file's path).
+
+    Returns
+    -------
+    dict
+        A new dict; ``raw`` is not modified.
+
+    Raises
+    ------
+    InputError
+        For an unknown key, a wrong type or value, or values that contradict
+        each other (shards that are not multiples of chunks, a non-positive
+        resolution), naming the key.
+    """
+    config: dict[str, Any] = copy.deepcopy(dict(raw or {}))
+    the_schema = schema()
+    validator = jsonschema.Draft202012Validator(the_schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        key, problem = _describe(errors[0])
+        raise InputError(source, key, problem)
+    _fill_defaults(config, the_schema)
+
+    output = config["output"]
+    resolution = output["resolution"]
+    if resolution is not None and any(not (r > 0) for r in resolution):
+        raise InputError(source, "output.resolution", f"must be positive, got {resolution}")
+    shards = output["shards"]
+    if shards is not None:
+        if output["format"] == "ome-zarr-0.4":
+            raise InputError(source, "output.shards", "sharding needs output.format ome-zarr-0.5")
+        if any(s % c for s, c in zip(shards, output["chunks"], strict=True)):
+            raise InputError(
+                source,
+                "output.shards",
+                f"{shards} is not a multiple of output.chunks {output['chunks']}",
+            )
+    return config
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file and validate it (see :func:`load_config`)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InputError(str(path), "", "config file not found") from None
+    except yaml.YAMLError as exc:
+        raise InputError(str(path), "", f"not valid YAML ({exc.__class__.__name__})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise InputError(str(path), "", "a config file holds a mapping of keys")
+    return load_config(raw, source=str(path))
+
+
+def config_digest(config: Mapping[str, Any], *keys: str) -> str:
+    """Stable hash of the named top-level sections of a validated config."""
+    chosen = {k: config.get(k) for k in keys} if keys else dict(config)
+    text = json.dumps(chosen, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

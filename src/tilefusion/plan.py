@@ -1,0 +1,517 @@
+"""Planning: the output grid, its chunks and shards, and the fuse jobs' ranges.
+
+Planning reads metadata only. Each tile's voxel-to-output map is
+
+    output index = (P · W · M · voxel - origin) / resolution
+
+with ``M`` the registration model (voxel to world), ``W = diag(world unit)``
+(world to physical), ``P`` the post-registration transforms (physical to
+physical) and ``origin`` the physical position of output voxel (0, 0, 0).
+
+The output grid is aligned to multiples of the resolution, like BigStitcher's
+world grid: at a resolution equal to the world unit it is BigStitcher's
+maximal bounding box (floor of the smallest and ceil of the largest
+transformed voxel-centre corner, both inclusive).
+
+Ranges are runs of whole shards in C order of the shard grid, so exactly one
+fuse job writes any stored object.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from tilefusion import geometry
+from tilefusion.errors import InputError
+from tilefusion.readers.base import ArraySource, Dataset
+
+__all__ = [
+    "Level",
+    "Plan",
+    "PlannedTile",
+    "Shape3",
+    "make_plan",
+    "post_transform_affine",
+    "range_chunks",
+    "range_shards",
+    "read_plan",
+    "tiles_for_chunks",
+    "write_manifest",
+]
+
+PLAN_VERSION = 1
+Shape3 = tuple[int, int, int]
+Float3 = tuple[float, float, float]
+
+
+def _shape3(values: Sequence[Any]) -> Shape3:
+    return (int(values[0]), int(values[1]), int(values[2]))
+
+
+def _float3(values: Sequence[Any]) -> Float3:
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+@dataclass(frozen=True)
+class PlannedTile:
+    """One tile as the fuse jobs see it.
+
+    Attributes
+    ----------
+    name : str
+        View name (``t{timepoint}-s{setup}``).
+    source : ArraySource
+        Where its pixels are.
+    shape_zyx : tuple of int
+    dtype : str or None
+        Pixel type the metadata declares.
+    tile_to_output : ndarray of shape (4, 4)
+        Tile voxel index to output voxel index (level 0).
+    box_lo, box_hi : tuple of float
+        Bounding box of the tile's voxel centres in output voxel indices.
+    """
+
+    name: str
+    setup: int
+    timepoint: int
+    source: ArraySource
+    shape_zyx: Shape3
+    dtype: str | None
+    tile_to_output: NDArray[np.float64]
+    box_lo: Float3
+    box_hi: Float3
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "setup": self.setup,
+            "timepoint": self.timepoint,
+            "source": asdict(self.source),
+            "shape_zyx": list(self.shape_zyx),
+            "dtype": self.dtype,
+            "tile_to_output": self.tile_to_output.tolist(),
+            "box_lo": list(self.box_lo),
+            "box_hi": list(self.box_hi),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PlannedTile:
+        return cls(
+            name=data["name"],
+            setup=int(data["setup"]),
+            timepoint=int(data["timepoint"]),
+            source=ArraySource(**data["source"]),
+            shape_zyx=_shape3(data["shape_zyx"]),
+            dtype=data["dtype"],
+            tile_to_output=np.asarray(data["tile_to_output"], dtype=np.float64),
+            box_lo=_float3(data["box_lo"]),
+            box_hi=_float3(data["box_hi"]),
+        )
+
+
+@dataclass(frozen=True)
+class Level:
+    """One resolution level of the output pyramid.
+
+    Attributes
+    ----------
+    shape_zyx, chunks_zyx, shards_zyx : tuple of int
+        Array, chunk and shard (write unit) shapes; shards equal chunks
+        when the format has no sharding.
+    factor_zyx : tuple of int
+        Downsampling factor from the previous level (1 for level 0).
+    scale_zyx, translation_zyx : tuple of float
+        Physical voxel size and position of voxel (0, 0, 0)'s centre.
+    shards_per_range : int
+        Shards one job writes.
+    """
+
+    shape_zyx: Shape3
+    chunks_zyx: Shape3
+    shards_zyx: Shape3
+    factor_zyx: Shape3
+    scale_zyx: Float3
+    translation_zyx: Float3
+    shards_per_range: int
+
+    @property
+    def shard_grid(self) -> Shape3:
+        return _shape3([math.ceil(s / c) for s, c in zip(self.shape_zyx, self.shards_zyx)])
+
+    @property
+    def n_shards(self) -> int:
+        return int(np.prod(self.shard_grid))
+
+    @property
+    def n_ranges(self) -> int:
+        return math.ceil(self.n_shards / self.shards_per_range)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ranges"] = self.n_ranges
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Level:
+        return cls(
+            shape_zyx=_shape3(data["shape_zyx"]),
+            chunks_zyx=_shape3(data["chunks_zyx"]),
+            shards_zyx=_shape3(data["shards_zyx"]),
+            factor_zyx=_shape3(data["factor_zyx"]),
+            scale_zyx=_float3(data["scale_zyx"]),
+            translation_zyx=_float3(data["translation_zyx"]),
+            shards_per_range=int(data["shards_per_range"]),
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the fuse, assemble and validate steps need.
+
+    Attributes
+    ----------
+    dataset : str
+        The dataset file planned from.
+    unit : str
+        Physical unit of every length here.
+    world_unit_zyx : tuple of float
+        Physical size of one world unit of the registration.
+    levels : tuple of Level
+        Level 0 is the fused grid; each further level halves it.
+    tiles : tuple of PlannedTile
+    settings : dict
+        The fusion and output settings the plan was made for (its identity).
+    """
+
+    dataset: str
+    unit: str
+    world_unit_zyx: Float3
+    levels: tuple[Level, ...]
+    tiles: tuple[PlannedTile, ...]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def grid(self) -> Level:
+        return self.levels[0]
+
+    @property
+    def resolution_zyx(self) -> Float3:
+        return self.grid.scale_zyx
+
+    @property
+    def origin_zyx(self) -> Float3:
+        return self.grid.translation_zyx
+
+    @property
+    def shape_zyx(self) -> Shape3:
+        return self.grid.shape_zyx
+
+    def to_json(self) -> dict[str, Any]:
+        grid = self.grid
+        return {
+            "tilefusion_plan": PLAN_VERSION,
+            "dataset": self.dataset,
+            "unit": self.unit,
+            "world_unit_zyx": list(self.world_unit_zyx),
+            "resolution_zyx": list(grid.scale_zyx),
+            "origin_zyx": list(grid.translation_zyx),
+            "shape_zyx": list(grid.shape_zyx),
+            "chunks_zyx": list(grid.chunks_zyx),
+            "shards_zyx": list(grid.shards_zyx),
+            "ranges": grid.n_ranges,
+            "tiles_count": len(self.tiles),
+            "levels": [level.to_json() for level in self.levels],
+            "settings": self.settings,
+            "tiles": [t.to_json() for t in self.tiles],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Plan:
+        return cls(
+            dataset=data["dataset"],
+            unit=data["unit"],
+            world_unit_zyx=_float3(data["world_unit_zyx"]),
+            levels=tuple(Level.from_json(lv) for lv in data["levels"]),
+            tiles=tuple(PlannedTile.from_json(t) for t in data["tiles"]),
+            settings=data.get("settings", {}),
+        )
+
+    def write(self, path: str | Path) -> None:
+        """Write the plan as JSON (atomically)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        tmp.replace(path)
+
+
+def read_plan(path: str | Path) -> Plan:
+    """Read a plan written by :meth:`Plan.write`."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(str(path), "", "plan not found; run the plan step first") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(str(path), "", f"not a plan (invalid JSON: {exc.msg})") from None
+    if data.get("tilefusion_plan") != PLAN_VERSION:
+        raise InputError(str(path), "tilefusion_plan", "not a tilefusion plan of this version")
+    return Plan.from_json(data)
+
+
+def post_transform_affine(steps: Sequence[dict[str, Any]], *, source: str) -> geometry.Affine:
+    """Compose the config's ``fusion.post_transforms`` (applied in listed order)."""
+    total = geometry.identity()
+    for index, step in enumerate(steps):
+        field_name = f"fusion.post_transforms[{index}]"
+        ((kind, value),) = step.items()
+        if kind == "scale":
+            step_affine = geometry.scale(value)
+        elif kind == "translation":
+            step_affine = geometry.translation(value)
+        else:
+            matrix = np.asarray(value, dtype=np.float64)
+            if matrix.shape == (3, 4):
+                matrix = np.vstack([matrix, [0.0, 0.0, 0.0, 1.0]])
+            step_affine = matrix
+        step_affine = geometry.check_affine(step_affine, source=source, field=field_name)
+        total = step_affine @ total
+    return total
+
+
+def _levels(
+    shape: Shape3,
+    resolution: Float3,
+    origin: Float3,
+    *,
+    chunks: Shape3,
+    shards: Shape3,
+    chunks_per_range: int,
+    n_levels: int | None,
+) -> tuple[Level, ...]:
+    chunks_per_shard = int(np.prod(np.asarray(shards) // np.asarray(chunks)))
+    shards_per_range = max(1, math.ceil(chunks_per_range / chunks_per_shard))
+    levels = [Level(shape, chunks, shards, (1, 1, 1), resolution, origin, shards_per_range)]
+    limit = n_levels if n_levels is not None else 16
+    while len(levels) < limit:
+        prev = levels[-1]
+        if n_levels is None and all(s <= c for s, c in zip(prev.shape_zyx, chunks)):
+            break
+        factor = _shape3([2 if s > 1 else 1 for s in prev.shape_zyx])
+        if factor == (1, 1, 1):
+            break
+        new_shape = _shape3([math.ceil(s / f) for s, f in zip(prev.shape_zyx, factor)])
+        # A level-k voxel averages f voxels of level k-1, so its centre sits
+        # (f - 1) / 2 voxels of level k-1 past theirs.
+        translation = _float3(
+            [t + (f - 1) / 2 * r for t, f, r in zip(prev.translation_zyx, factor, prev.scale_zyx)]
+        )
+        new_scale = _float3([r * f for r, f in zip(prev.scale_zyx, factor)])
+        levels.append(
+            Level(new_shape, chunks, shards, factor, new_scale, translation, shards_per_range)
+        )
+    return tuple(levels)
+
+
+def make_plan(
+    dataset: Dataset,
+    *,
+    resolution_zyx: Sequence[float] | None = None,
+    world_unit_zyx: Sequence[float] | None = None,
+    post_transform: geometry.Affine | None = None,
+    chunks_zyx: Sequence[int] = (64, 128, 128),
+    shards_zyx: Sequence[int] | None = None,
+    chunks_per_range: int = 64,
+    pyramid_levels: int | None = None,
+    settings: dict[str, Any] | None = None,
+) -> Plan:
+    """Plan the fusion of a dataset's views.
+
+    Parameters
+    ----------
+    dataset : Dataset
+        The views to fuse (one selection).
+    resolution_zyx : sequence of 3 floats, optional
+        Output voxel size in the dataset's unit; default: the world unit.
+    world_unit_zyx : sequence of 3 floats, optional
+        Override of the world unit derived from the views.
+    post_transform : ndarray of shape (4, 4), optional
+        Physical-to-physical affine applied after registration.
+    chunks_zyx, shards_zyx : sequence of 3 ints
+        Chunk and shard shapes; ``shards_zyx`` defaults to the chunks.
+    chunks_per_range : int
+        Chunks per fuse job, rounded up to whole shards.
+    pyramid_levels : int, optional
+        Number of levels; default until a level fits in one chunk.
+    settings : dict, optional
+        Settings recorded in the plan (they make its identity).
+
+    Returns
+    -------
+    Plan
+
+    Raises
+    ------
+    InputError
+        No views, a non-positive resolution, inconsistent world units.
+    """
+    source = dataset.path
+    if not dataset.views:
+        raise InputError(source, "views", "no view matches the selection")
+    chunks = _shape3(chunks_zyx)
+    shards = _shape3(shards_zyx) if shards_zyx is not None else chunks
+    if any(s % c for s, c in zip(shards, chunks)):
+        raise InputError(
+            source, "output.shards", f"{list(shards)} not a multiple of {list(chunks)}"
+        )
+
+    if world_unit_zyx is None:
+        per_view = [
+            geometry.world_unit_of_view(
+                v.model, v.voxel_size_zyx, calibration_zyx=v.calibration_zyx
+            )
+            for v in dataset.views
+        ]
+        world = geometry.consensus_world_unit(per_view, source=source)
+    else:
+        world = np.asarray(world_unit_zyx, dtype=np.float64)
+    resolution = world.copy() if resolution_zyx is None else np.asarray(resolution_zyx, float)
+    if (
+        resolution.shape != (3,)
+        or not np.all(resolution > 0)
+        or not np.all(np.isfinite(resolution))
+    ):
+        raise InputError(source, "output.resolution", f"must be 3 positive numbers: {resolution}")
+
+    post = geometry.identity() if post_transform is None else np.asarray(post_transform, float)
+    post_is_identity = bool(np.array_equal(post, geometry.identity()))
+
+    to_grid_units = []
+    corners = []
+    for view in dataset.views:
+        model = geometry.check_affine(
+            view.model, source=source, field=f"ViewRegistration of {view.name}"
+        )
+        if post_is_identity:
+            # world -> grid units in one factor keeps the BigStitcher case exact
+            # (0.242 / 0.242 is 1.0; 0.242 * (1 / 0.242) need not be).
+            affine = geometry.scale(world / resolution) @ model
+        else:
+            affine = geometry.scale(1.0 / resolution) @ post @ geometry.scale(world) @ model
+        to_grid_units.append(affine)
+        corners.append(geometry.transform_points(affine, geometry.box_corners(view.shape_zyx)))
+    all_corners = np.concatenate(corners)
+    index_lo = np.floor(all_corners.min(axis=0))
+    index_hi = np.ceil(all_corners.max(axis=0))
+    shape = _shape3(index_hi - index_lo + 1)
+    origin = _float3(index_lo * resolution)
+
+    shift = geometry.translation(-index_lo)
+    tiles = []
+    for view, affine, pts in zip(dataset.views, to_grid_units, corners):
+        lo = pts.min(axis=0) - index_lo
+        hi = pts.max(axis=0) - index_lo
+        tiles.append(
+            PlannedTile(
+                name=view.name,
+                setup=view.setup,
+                timepoint=view.timepoint,
+                source=view.source,
+                shape_zyx=_shape3(view.shape_zyx),
+                dtype=view.dtype,
+                tile_to_output=shift @ affine,
+                box_lo=_float3(lo),
+                box_hi=_float3(hi),
+            )
+        )
+    levels = _levels(
+        shape,
+        _float3(resolution),
+        origin,
+        chunks=chunks,
+        shards=shards,
+        chunks_per_range=chunks_per_range,
+        n_levels=pyramid_levels,
+    )
+    return Plan(
+        dataset=source,
+        unit=dataset.unit,
+        world_unit_zyx=_float3(world),
+        levels=levels,
+        tiles=tuple(tiles),
+        settings=dict(settings or {}),
+    )
+
+
+def range_shards(level: Level, range_index: int) -> list[Shape3]:
+    """Shard grid indices written by one range, in C order."""
+    if not 0 <= range_index < level.n_ranges:
+        raise IndexError(f"range {range_index} not in 0..{level.n_ranges - 1}")
+    start = range_index * level.shards_per_range
+    stop = min(start + level.shards_per_range, level.n_shards)
+    flat = np.arange(start, stop)
+    return [_shape3(idx) for idx in zip(*np.unravel_index(flat, level.shard_grid))]
+
+
+def shard_box(level: Level, shard: Shape3) -> tuple[Shape3, Shape3]:
+    """Voxel bounds ``[lo, hi)`` of a shard, clipped to the array."""
+    lo = _shape3([i * s for i, s in zip(shard, level.shards_zyx)])
+    hi = _shape3([min(a + s, n) for a, s, n in zip(lo, level.shards_zyx, level.shape_zyx)])
+    return lo, hi
+
+
+def chunks_of_box(level: Level, lo: Shape3, hi: Shape3) -> Iterator[tuple[Shape3, Shape3]]:
+    """Chunk-aligned sub-boxes ``[lo, hi)`` covering a box, in C order."""
+    c = level.chunks_zyx
+    for z in range(lo[0], hi[0], c[0]):
+        for y in range(lo[1], hi[1], c[1]):
+            for x in range(lo[2], hi[2], c[2]):
+                yield (z, y, x), _shape3([min(a + s, b) for a, s, b in zip((z, y, x), c, hi)])
+
+
+def range_chunks(level: Level, range_index: int) -> list[tuple[Shape3, Shape3]]:
+    """Chunk boxes ``[lo, hi)`` of every chunk a range writes."""
+    out: list[tuple[Shape3, Shape3]] = []
+    for shard in range_shards(level, range_index):
+        out.extend(chunks_of_box(level, *shard_box(level, shard)))
+    return out
+
+
+def tiles_for_chunks(plan: Plan, chunk_boxes: Sequence[tuple[Shape3, Shape3]]) -> list[list[int]]:
+    """Indices (into ``plan.tiles``) of the tiles whose box meets each chunk."""
+    if not chunk_boxes or not plan.tiles:
+        return [[] for _ in chunk_boxes]
+    tile_lo = np.array([t.box_lo for t in plan.tiles])
+    tile_hi = np.array([t.box_hi for t in plan.tiles])
+    chunk_lo = np.array([b[0] for b in chunk_boxes], dtype=np.float64)
+    # voxel centres of a chunk run from lo to hi - 1
+    chunk_hi = np.array([b[1] for b in chunk_boxes], dtype=np.float64) - 1.0
+    hits = np.all(
+        (tile_lo[None, :, :] <= chunk_hi[:, None, :]) & (chunk_lo[:, None, :] <= tile_hi[None]),
+        axis=2,
+    )
+    return [np.flatnonzero(row).tolist() for row in hits]
+
+
+def write_manifest(plan: Plan, path: str | Path) -> None:
+    """Write the range → chunk → tiles table (TSV, one row per chunk with tiles)."""
+    level = plan.grid
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as out:
+        out.write("range\tchunk_z\tchunk_y\tchunk_x\ttiles\n")
+        for r in range(level.n_ranges):
+            boxes = range_chunks(level, r)
+            for (lo, _hi), tile_ids in zip(boxes, tiles_for_chunks(plan, boxes)):
+                if not tile_ids:
+                    continue
+                index = [a // c for a, c in zip(lo, level.chunks_zyx)]
+                names = ",".join(plan.tiles[i].name for i in tile_ids)
+                out.write(f"{r}\t{index[0]}\t{index[1]}\t{index[2]}\t{names}\n")
+    tmp.replace(path)

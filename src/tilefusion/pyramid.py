@@ -1,0 +1,81 @@
+"""Multiscale pyramid, built range by range like the fused level.
+
+Level ``k`` voxel ``j`` is the mean of the level ``k - 1`` voxels
+``f * j .. f * j + f - 1`` (``f`` the level's factor) that hold data; 0 is
+"no data" in the fused volume, so uncovered voxels do not darken the edges of
+the sample. Each job reads only the part of level ``k - 1`` under its shards.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from tilefusion.plan import Plan, range_shards, shard_box
+from tilefusion.store import NgffFormat, cast_to_dtype, open_level, record_objects, write_block
+from tilefusion.validate import block_stats, merge_stats
+
+__all__ = ["downsample_mean", "downsample_range"]
+
+
+def downsample_mean(block: NDArray[Any], factor: tuple[int, int, int]) -> NDArray[np.float32]:
+    """Mean of each ``factor`` block over its non-zero voxels (0 where none).
+
+    Trailing partial blocks average the voxels they have.
+    """
+    padded_shape = [math.ceil(s / f) * f for s, f in zip(block.shape, factor)]
+    data = np.zeros(padded_shape, dtype=np.float32)
+    data[: block.shape[0], : block.shape[1], : block.shape[2]] = block
+    out_shape = [p // f for p, f in zip(padded_shape, factor)]
+    blocks = data.reshape(out_shape[0], factor[0], out_shape[1], factor[1], out_shape[2], factor[2])
+    total = blocks.sum(axis=(1, 3, 5), dtype=np.float64)
+    count = np.count_nonzero(blocks, axis=(1, 3, 5))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+    return mean.astype(np.float32)
+
+
+def downsample_range(
+    plan: Plan,
+    level_index: int,
+    range_index: int,
+    *,
+    store_path: str,
+    ngff: NgffFormat,
+) -> dict[str, Any]:
+    """Compute one range of pyramid level ``level_index`` from the level below.
+
+    Returns
+    -------
+    dict
+        The range's marker (stored objects and their SHA-256).
+    """
+    if not 1 <= level_index < len(plan.levels):
+        raise IndexError(f"level {level_index} not in 1..{len(plan.levels) - 1}")
+    level = plan.levels[level_index]
+    source = open_level(store_path, level_index - 1, mode="r")
+    target = open_level(store_path, level_index)
+    factor = level.factor_zyx
+    objects: dict[str, str | None] = {}
+    stats = []
+    for shard in range_shards(level, range_index):
+        lo, hi = shard_box(level, shard)
+        src_lo = [a * f for a, f in zip(lo, factor)]
+        src_hi = [min(b * f, n) for b, f, n in zip(hi, factor, source.shape)]
+        block = source[src_lo[0] : src_hi[0], src_lo[1] : src_hi[1], src_lo[2] : src_hi[2]]
+        reduced = downsample_mean(np.asarray(block), factor)
+        reduced = reduced[: hi[0] - lo[0], : hi[1] - lo[1], : hi[2] - lo[2]]
+        # Written even when empty: zarr then drops a stale object left by an earlier run.
+        stored = cast_to_dtype(reduced, target.dtype)
+        write_block(target, lo, stored)
+        stats.append(block_stats(stored))
+        objects.update(record_objects(store_path, level_index, level, shard, ngff))
+    return {
+        "level": level_index,
+        "range": range_index,
+        "objects": objects,
+        "stats": merge_stats(stats),
+    }

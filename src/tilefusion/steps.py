@@ -1,0 +1,401 @@
+"""The workflow's steps, one function each, shared by Snakemake scripts and the CLI.
+
+Each step takes the validated configuration and explicit paths, does one
+thing, and writes its outputs atomically, so a step killed half way leaves
+nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tilefusion.config import config_digest, load_config
+from tilefusion.errors import InputError
+from tilefusion.plan import Plan, make_plan, post_transform_affine, read_plan, write_manifest
+from tilefusion.readers.base import Dataset
+
+__all__ = [
+    "assemble",
+    "downsample",
+    "fuse",
+    "fuse_memory_mb",
+    "fuse_runtime_min",
+    "load_dataset",
+    "marker_path",
+    "plan_from_config",
+    "prepare",
+    "run_logged",
+    "store_identity",
+    "validate",
+    "write_json",
+    "write_plan",
+]
+
+log = logging.getLogger("tilefusion")
+
+# Settings that change stored bytes: an output written with others is not resumed.
+_IDENTITY_KEYS = ("dataset", "selection", "world_unit", "output", "fusion")
+_NOT_IDENTITY = {
+    "output": ("path", "overwrite"),
+    "fusion": ("chunks_per_range", "read_block", "device"),
+}
+
+
+def write_json(path: str | Path, data: Mapping[str, Any]) -> None:
+    """Write JSON atomically and durably (temporary file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as handle:
+        json.dump(data, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def store_identity(config: Mapping[str, Any]) -> str:
+    """Hash of every setting that changes the stored bytes."""
+    chosen: dict[str, Any] = {}
+    for key in _IDENTITY_KEYS:
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in _NOT_IDENTITY.get(key, ())}
+        chosen[key] = value
+    return config_digest(chosen)
+
+
+def load_dataset(config: Mapping[str, Any], *, metadata_only: bool = True) -> Dataset:
+    """Read the configured dataset and apply the selection.
+
+    When the dataset file is missing and ``demo`` is set, the demo's views
+    are returned as the demo step will write them.
+    """
+    from tilefusion.readers import read_dataset
+
+    path = Path(config["dataset"])
+    if not path.exists() and config.get("demo"):
+        from tilefusion.demo import demo_dataset
+
+        dataset = demo_dataset(path)
+    else:
+        dataset = read_dataset(path)
+    selection = dict(config.get("selection") or {})
+    # One timepoint and channel per run: default to the first of each.
+    if selection.get("timepoint") is None and selection.get("setups") is None:
+        timepoints = sorted({v.timepoint for v in dataset.views})
+        selection["timepoint"] = timepoints[0] if timepoints else None
+    if selection.get("channel") is None and selection.get("setups") is None:
+        channels = sorted(
+            {v.attributes["channel"] for v in dataset.views if "channel" in v.attributes}
+        )
+        selection["channel"] = channels[0] if channels else None
+    selected = dataset.select(**selection)
+    if not selected.views:
+        raise InputError(str(path), "selection", f"no view matches {selection}")
+    if not metadata_only:
+        from tilefusion.readers import check_arrays
+
+        check_arrays(selected)
+    return selected
+
+
+def plan_from_config(
+    config: Mapping[str, Any], *, source: str = "config", metadata_only: bool = True
+) -> Plan:
+    """Plan the run a configuration describes (reads metadata only by default)."""
+    config = load_config(config, source=source)
+    dataset = load_dataset(config, metadata_only=metadata_only)
+    output = config["output"]
+    fusion = config["fusion"]
+    post = post_transform_affine(fusion["post_transforms"], source=source)
+    return make_plan(
+        dataset,
+        resolution_zyx=output["resolution"],
+        world_unit_zyx=config["world_unit"],
+        post_transform=post,
+        chunks_zyx=output["chunks"],
+        shards_zyx=output["shards"] if output["format"] == "ome-zarr-0.5" else None,
+        chunks_per_range=fusion["chunks_per_range"],
+        pyramid_levels=output["pyramid_levels"],
+        settings={"identity": store_identity(config)},
+    )
+
+
+def write_plan(config: Mapping[str, Any], *, plan_path: str, manifest_path: str) -> Plan:
+    """The plan step: check the tiles against the metadata, write plan and manifest."""
+    plan = plan_from_config(config, metadata_only=False)
+    Path(plan_path).parent.mkdir(parents=True, exist_ok=True)
+    plan.write(plan_path)
+    write_manifest(plan, manifest_path)
+    level = plan.grid
+    log.info(
+        "planned %s: %d tiles, grid %s at %s %s, %d chunks of %s, %d ranges, %d levels",
+        plan.dataset,
+        len(plan.tiles),
+        list(level.shape_zyx),
+        list(level.scale_zyx),
+        plan.unit,
+        math.prod(math.ceil(s / c) for s, c in zip(level.shape_zyx, level.chunks_zyx)),
+        list(level.chunks_zyx),
+        level.n_ranges,
+        len(plan.levels),
+    )
+    return plan
+
+
+def _output_dtype(config: Mapping[str, Any], plan: Plan) -> str:
+    wanted = str(config["output"]["dtype"])
+    if wanted != "same":
+        return wanted
+    declared = {t.dtype for t in plan.tiles if t.dtype}
+    if not declared:
+        from tilefusion.readers import open_array
+
+        declared = {str(open_array(plan.tiles[0].source).dtype)}
+    if len(declared) > 1:
+        raise InputError(
+            plan.dataset, "dtype", f"tiles differ in type {sorted(declared)}; set output.dtype"
+        )
+    return declared.pop()
+
+
+def check_output_path(config: Mapping[str, Any]) -> None:
+    """Refuse, before any job runs, an output this configuration may not touch."""
+    from tilefusion.store import check_owner
+
+    check_owner(
+        config["output"]["path"],
+        identity=store_identity(config),
+        overwrite=bool(config["output"]["overwrite"]),
+    )
+
+
+def prepare(config: Mapping[str, Any], *, plan_path: str, record_path: str) -> dict[str, Any]:
+    """Create (or resume) the output store with every level's empty array."""
+    from tilefusion.store import format_from_name, prepare_store
+
+    config = load_config(config)
+    plan = read_plan(plan_path)
+    output = config["output"]
+    dtype = _output_dtype(config, plan)
+    outcome = prepare_store(
+        plan,
+        output["path"],
+        ngff=format_from_name(output["format"]),
+        dtype=dtype,
+        codec=output["compression"]["codec"],
+        level=output["compression"]["level"],
+        identity=store_identity(config),
+        overwrite=bool(output["overwrite"]),
+    )
+    log.info("output %s: %s (%s, %s)", output["path"], outcome, output["format"], dtype)
+    record = {"store": str(Path(output["path"]).resolve()), "outcome": outcome, "dtype": dtype}
+    write_json(record_path, record)
+    return record
+
+
+def marker_path(markers_dir: str | Path, level: int, range_index: int) -> Path:
+    """Where the marker of one job of one level lives."""
+    return Path(markers_dir) / f"level{level}" / f"range{range_index}.json"
+
+
+def fuse(
+    config: Mapping[str, Any], *, plan_path: str, range_index: int, marker: str
+) -> dict[str, Any]:
+    """Fuse one range of level 0, then write its marker."""
+    from tilefusion.fuse import FusionOptions, fuse_range
+    from tilefusion.kernel import select_device
+    from tilefusion.store import format_from_name
+
+    config = load_config(config)
+    plan = read_plan(plan_path)
+    fusion = config["fusion"]
+    device = select_device(None if fusion["device"] == "auto" else fusion["device"])
+    log.info("range %d: device %s", range_index, device)
+    options = FusionOptions(
+        interpolation=fusion["interpolation"],
+        blending=fusion["blending"],
+        blend_range_zyx=fusion["blend_range"],
+        blend_border_zyx=fusion["blend_border"],
+        read_block_zyx=fusion["read_block"],
+        device=device,
+    )
+    result = fuse_range(
+        plan,
+        range_index,
+        store_path=config["output"]["path"],
+        ngff=format_from_name(config["output"]["format"]),
+        options=options,
+    )
+    result["device"] = device
+    result["identity"] = plan.settings.get("identity")
+    write_json(marker, result)
+    stats = result["stats"]
+    log.info(
+        "range %d: %d objects, %d tiles, %.1f Mvoxel in %.2f s",
+        range_index,
+        len(result["objects"]),
+        len(result["tiles"]),
+        stats["voxels"] / 1e6,
+        result["seconds"],
+    )
+    return result
+
+
+def downsample(
+    config: Mapping[str, Any], *, plan_path: str, level: int, range_index: int, marker: str
+) -> dict[str, Any]:
+    """Build one range of one pyramid level from the level below."""
+    from tilefusion.pyramid import downsample_range
+    from tilefusion.store import format_from_name
+
+    config = load_config(config)
+    plan = read_plan(plan_path)
+    result = downsample_range(
+        plan,
+        level,
+        range_index,
+        store_path=config["output"]["path"],
+        ngff=format_from_name(config["output"]["format"]),
+    )
+    result["identity"] = plan.settings.get("identity")
+    write_json(marker, result)
+    return result
+
+
+def assemble(
+    config: Mapping[str, Any], *, plan_path: str, markers: Sequence[str], record_path: str
+) -> dict[str, Any]:
+    """Write the OME-NGFF metadata once every pixel job has finished."""
+    import numpy as np
+
+    from tilefusion.store import format_from_name, open_level, write_ngff_metadata
+    from tilefusion.validate import merge_stats
+
+    config = load_config(config)
+    plan = read_plan(plan_path)
+    output = config["output"]
+    top = [json.loads(Path(m).read_text()) for m in markers]
+    level0 = merge_stats([m["stats"] for m in top if m["level"] == 0 and m.get("stats")])
+    dtype = np.dtype(open_level(output["path"], 0, mode="r").dtype)
+    dtype_max = (
+        float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else float(level0["max"])
+    )
+    name = Path(output["path"]).name.split(".")[0] or "fused"
+    metadata = write_ngff_metadata(
+        plan,
+        output["path"],
+        ngff=format_from_name(output["format"]),
+        name=name,
+        window=(float(level0["min"]), float(level0["max"])),
+        dtype_max=dtype_max,
+    )
+    record = {"store": str(Path(output["path"]).resolve()), "metadata": metadata}
+    write_json(record_path, record)
+    return record
+
+
+def rerun_command(bad_ranges: Sequence[Sequence[int]], *, markers_dir: str, target: str) -> str:
+    """The command that reruns exactly the given ranges (and what depends on them)."""
+    forced = [str(marker_path(markers_dir, lv, r)) for lv, r in bad_ranges]
+    return shlex.join(["snakemake", "--cores", "all", "--force", *forced, target])
+
+
+def validate(
+    config: Mapping[str, Any],
+    *,
+    plan_path: str,
+    markers_dir: str,
+    report_path: str,
+    target: str = "",
+) -> dict[str, Any]:
+    """Check the output against every marker and the NGFF metadata; write the report.
+
+    Raises
+    ------
+    InputError
+        When anything is missing or corrupt; the message holds the command
+        that reruns the affected ranges only.
+    """
+    from tilefusion.store import format_from_name
+    from tilefusion.validate import validate_output
+
+    config = load_config(config)
+    plan = read_plan(plan_path)
+    markers = {
+        (k, r): marker_path(markers_dir, k, r)
+        for k, level in enumerate(plan.levels)
+        for r in range(level.n_ranges)
+    }
+    report = validate_output(
+        plan,
+        store_path=config["output"]["path"],
+        ngff=format_from_name(config["output"]["format"]),
+        markers=markers,
+    )
+    if report["bad_ranges"]:
+        report["rerun"] = rerun_command(
+            report["bad_ranges"], markers_dir=markers_dir, target=target or report_path
+        )
+    write_json(report_path, report)
+    if not report["ok"]:
+        for line in report["problems"]:
+            log.error("%s", line)
+        hint = f"; rerun with: {report['rerun']}" if report.get("rerun") else ""
+        raise InputError(
+            config["output"]["path"], "validation", f"{len(report['problems'])} problem(s){hint}"
+        )
+    return report
+
+
+def fuse_memory_mb(plan: Plan, *, attempt: int = 1) -> int:
+    """Memory a fuse job asks for: its working set, doubled on each retry.
+
+    The working set is one shard in the output type and as float32, plus
+    the tile crops of one chunk (at most ``read_block`` voxels per tile), plus
+    about 600 MB for the interpreter, torch and numba.
+    """
+    level = plan.grid
+    shard_voxels = math.prod(level.shards_zyx)
+    shard_bytes = shard_voxels * (2 + 4)
+    working = 600 * 2**20 + 2 * shard_bytes
+    return int(math.ceil(working / 2**20) * 2 ** (attempt - 1))
+
+
+def fuse_runtime_min(plan: Plan, *, attempt: int = 1) -> int:
+    """Minutes a fuse job asks for, at a pessimistic 2 Mvoxel/s, doubled on each retry."""
+    level = plan.grid
+    voxels = math.prod(level.shards_zyx) * level.shards_per_range
+    return int(max(10, math.ceil(voxels / 2e6 / 60 * 3)) * 2 ** (attempt - 1))
+
+
+def run_logged(log_path: str, step: Any, /, **kwargs: Any) -> Any:
+    """Run a step from a Snakemake script, logging to the rule's log file.
+
+    A user's mistake (:class:`InputError`) ends the job with its one-line
+    message in the log and on stderr, not a traceback; bugs keep theirs.
+    """
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_path, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        return step(**kwargs)
+    except InputError as error:
+        log.error("tilefusion: error: %s", error)
+        raise SystemExit(f"tilefusion: error: {error}") from None
+    except Exception:
+        log.exception("failed")
+        raise
+    finally:
+        root.removeHandler(handler)
+        handler.close()

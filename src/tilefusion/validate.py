@@ -1,0 +1,202 @@
+"""Validation of a finished output: objects, metadata and a QC report.
+
+Every fuse and downsample job leaves a marker that promises what it stored
+(object keys with SHA-256) and summarises its pixels. Validation re-reads
+every promised object, compares bytes, decodes it, checks the OME-NGFF
+metadata, and reports coverage and min/max/mean per level from the markers.
+Problems name the ranges whose jobs must be rerun.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from numpy.typing import NDArray
+
+from tilefusion.plan import Plan
+from tilefusion.store import NgffFormat, object_digest
+
+__all__ = ["block_stats", "merge_stats", "validate_output"]
+
+
+def block_stats(block: NDArray[Any]) -> dict[str, float | int]:
+    """Summary of a written block: voxels, voxels with data, min/max/sum over them."""
+    data = np.asarray(block)
+    covered = data[data != 0]
+    return {
+        "voxels": int(data.size),
+        "covered": int(covered.size),
+        "min": float(covered.min()) if covered.size else 0.0,
+        "max": float(covered.max()) if covered.size else 0.0,
+        "sum": float(covered.sum(dtype=np.float64)),
+    }
+
+
+def merge_stats(parts: Sequence[Mapping[str, float | int]]) -> dict[str, float | int]:
+    """Combine :func:`block_stats` of disjoint blocks."""
+    covered = [p for p in parts if p["covered"]]
+    voxels = int(sum(p["voxels"] for p in parts))
+    n_covered = int(sum(p["covered"] for p in parts))
+    total = float(sum(p["sum"] for p in parts))
+    return {
+        "voxels": voxels,
+        "covered": n_covered,
+        "min": min((float(p["min"]) for p in covered), default=0.0),
+        "max": max((float(p["max"]) for p in covered), default=0.0),
+        "sum": total,
+    }
+
+
+def _metadata_problems(store_path: Path, ngff: NgffFormat, plan: Plan) -> list[str]:
+    try:
+        group = zarr.open_group(str(store_path), mode="r")
+    except Exception as exc:  # any failure to open is a finding, not a crash
+        return [f"{store_path}: cannot open the output group ({exc.__class__.__name__})"]
+    ome = ngff.unwrap(dict(group.attrs))
+    multiscales = ome.get("multiscales")
+    if not multiscales:
+        return [f"{store_path}: no OME-NGFF multiscales metadata"]
+    problems = []
+    datasets = multiscales[0].get("datasets", [])
+    if len(datasets) != len(plan.levels):
+        problems.append(
+            f"{store_path}: {len(datasets)} datasets in metadata, plan has {len(plan.levels)}"
+        )
+    for k, (entry, level) in enumerate(zip(datasets, plan.levels)):
+        transforms = {t["type"]: t for t in entry.get("coordinateTransformations", [])}
+        scale = transforms.get("scale", {}).get("scale")
+        if scale is None or not np.allclose(scale, level.scale_zyx):
+            problems.append(f"{store_path}: level {k} scale {scale} != {list(level.scale_zyx)}")
+        try:
+            array = group[entry["path"]]
+        except KeyError:
+            problems.append(f"{store_path}: level {k} array {entry.get('path')!r} missing")
+            continue
+        if tuple(array.shape) != level.shape_zyx:
+            problems.append(f"{store_path}: level {k} shape {array.shape} != {level.shape_zyx}")
+    problems.extend(_schema_problems(store_path, ngff))
+    return problems
+
+
+def _schema_problems(store_path: Path, ngff: NgffFormat) -> list[str]:
+    """Validate with ome-zarr-models where it is installed."""
+    try:
+        if ngff.version == "0.4":
+            from ome_zarr_models.v04.image import Image
+        else:
+            from ome_zarr_models.v05.image import Image  # type: ignore[assignment]
+    except ImportError:
+        return []
+    try:
+        Image.from_zarr(zarr.open_group(str(store_path), mode="r"))
+    except Exception as exc:  # report the model's complaint as a finding
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        return [f"{store_path}: OME-NGFF {ngff.version} metadata invalid: {first}"]
+    return []
+
+
+def _decodes(array: zarr.Array, key: str, level_chunks: Sequence[int]) -> bool:
+    """Whether the object at ``key`` (relative to the level) decodes."""
+    parts = [int(p) for p in key.split("/") if p.isdigit()]
+    step = array.shards or array.chunks
+    lo = [i * s for i, s in zip(parts, step)]
+    hi = [min(a + s, n) for a, s, n in zip(lo, step, array.shape)]
+    try:
+        array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    except Exception:
+        return False
+    return True
+
+
+def validate_output(
+    plan: Plan,
+    *,
+    store_path: str | Path,
+    ngff: NgffFormat,
+    markers: Mapping[tuple[int, int], str | Path],
+    decode: bool = True,
+) -> dict[str, Any]:
+    """Check every object the markers promise and the NGFF metadata.
+
+    Parameters
+    ----------
+    plan : Plan
+    store_path : path
+        The output group.
+    ngff : NgffFormat
+    markers : mapping of (level, range) to path
+        The marker file of every job.
+    decode : bool
+        Also decode each object (bytes can match a marker and still be
+        unreadable when the marker itself was written from a bad object).
+
+    Returns
+    -------
+    dict
+        The QC report: ``ok``, ``problems`` (one line each), ``bad_ranges``
+        (``[level, range]`` pairs to rerun) and per-level statistics.
+    """
+    store_path = Path(store_path)
+    problems: list[str] = []
+    bad: set[tuple[int, int]] = set()
+    level_stats: dict[int, list[Mapping[str, float | int]]] = {}
+    arrays: dict[int, zarr.Array] = {}
+    for (level_index, range_index), marker_path in sorted(markers.items()):
+        try:
+            marker = json.loads(Path(marker_path).read_text())
+        except (OSError, json.JSONDecodeError):
+            problems.append(f"{marker_path}: marker missing or unreadable")
+            bad.add((level_index, range_index))
+            continue
+        level_stats.setdefault(level_index, []).append(marker.get("stats", {}))
+        for key, promised in marker["objects"].items():
+            found = object_digest(store_path / key)
+            if found != promised:
+                what = (
+                    "missing" if found is None else "unexpected" if promised is None else "corrupt"
+                )
+                problems.append(
+                    f"{store_path / key}: {what} (level {level_index} range {range_index})"
+                )
+                bad.add((level_index, range_index))
+            elif decode and found is not None:
+                if level_index not in arrays:
+                    arrays[level_index] = zarr.open_array(
+                        str(store_path / str(level_index)), mode="r"
+                    )
+                relative = key.split("/", 1)[1]
+                if not _decodes(arrays[level_index], relative, plan.levels[level_index].chunks_zyx):
+                    where = f"level {level_index} range {range_index}"
+                    problems.append(f"{store_path / key}: does not decode ({where})")
+                    bad.add((level_index, range_index))
+    problems.extend(_metadata_problems(store_path, ngff, plan))
+    levels = []
+    for k, level in enumerate(plan.levels):
+        parts = [p for p in level_stats.get(k, []) if p]
+        merged = merge_stats(parts) if parts else None
+        levels.append(
+            {
+                "level": k,
+                "shape_zyx": list(level.shape_zyx),
+                "scale_zyx": list(level.scale_zyx),
+                "coverage": (merged["covered"] / merged["voxels"])
+                if merged and merged["voxels"]
+                else None,
+                "min": merged["min"] if merged else None,
+                "max": merged["max"] if merged else None,
+                "mean": (merged["sum"] / merged["covered"])
+                if merged and merged["covered"]
+                else None,
+            }
+        )
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "bad_ranges": sorted([list(b) for b in bad]),
+        "levels": levels,
+    }

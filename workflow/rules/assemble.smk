@@ -1,0 +1,34 @@
+rule downsample:
+    input:
+        plan=PLAN_JSON,
+        store=STORE_RECORD,
+        below=get_previous_level_markers,
+    output:
+        marker=f"{MARKERS}/level{{level}}/range{{range}}.json",
+    wildcard_constraints:
+        level=r"[1-9]\d*",
+    log:
+        "logs/tilefusion/downsample/level{level}-range{range}.log",
+    benchmark:
+        "benchmarks/tilefusion/downsample/level{level}-range{range}.tsv"
+    resources:
+        mem_mb=get_fuse_mem_mb,
+    conda:
+        "../../envs/tilefusion.yaml"
+    script:
+        "../scripts/downsample.py"
+
+
+rule assemble:
+    input:
+        plan=PLAN_JSON,
+        markers=get_all_markers(),
+    output:
+        record=ASSEMBLE_RECORD,
+    log:
+        "logs/tilefusion/assemble.log",
+    localrule: True
+    conda:
+        "../../envs/tilefusion.yaml"
+    script:
+        "../scripts/assemble.py"

@@ -1,0 +1,62 @@
+import sys
+
+from tilefusion import steps
+from tilefusion.config import load_config
+from tilefusion.errors import InputError
+
+RESULTS = "results/tilefusion"
+PLAN_JSON = f"{RESULTS}/plan.json"
+MANIFEST_TSV = f"{RESULTS}/manifest.tsv"
+STORE_RECORD = f"{RESULTS}/store.json"
+ASSEMBLE_RECORD = f"{RESULTS}/assemble.json"
+QC_REPORT = f"{RESULTS}/qc_report.json"
+MARKERS = f"{RESULTS}/markers"
+
+
+# Users' mistakes stop the run here, before any job, with one line naming the
+# file and field; the plan is made from metadata only, so every fuse job is in
+# the DAG (and in `snakemake -n`) from the start.
+try:
+    config.update(load_config(config, source="config"))
+    PLAN = steps.plan_from_config(config)
+    steps.check_output_path(config)
+except InputError as error:
+    sys.exit(f"tilefusion: error: {error}")
+
+
+wildcard_constraints:
+    range=r"\d+",
+    level=r"\d+",
+
+
+def get_final_output():
+    return [QC_REPORT]
+
+
+def get_dataset():
+    return config["dataset"]
+
+
+def get_level_markers(level):
+    count = PLAN.levels[level].n_ranges
+    return [f"{MARKERS}/level{level}/range{r}.json" for r in range(count)]
+
+
+def get_previous_level_markers(wildcards):
+    return get_level_markers(int(wildcards.level) - 1)
+
+
+def get_all_markers():
+    return [m for k in range(len(PLAN.levels)) for m in get_level_markers(k)]
+
+
+def get_fuse_mem_mb(wildcards, attempt):
+    return steps.fuse_memory_mb(PLAN, attempt=attempt)
+
+
+def get_fuse_runtime(wildcards, attempt):
+    return steps.fuse_runtime_min(PLAN, attempt=attempt)
+
+
+def get_fuse_gpus(wildcards):
+    return 1 if str(config["fusion"]["device"]).startswith("cuda") else 0

@@ -1,0 +1,32 @@
+rule prepare_store:
+    input:
+        plan=PLAN_JSON,
+    output:
+        record=STORE_RECORD,
+    log:
+        "logs/tilefusion/prepare_store.log",
+    localrule: True
+    conda:
+        "../../envs/tilefusion.yaml"
+    script:
+        "../scripts/prepare_store.py"
+
+
+rule fuse:
+    input:
+        plan=PLAN_JSON,
+        store=STORE_RECORD,
+    output:
+        marker=f"{MARKERS}/level0/range{{range}}.json",
+    log:
+        "logs/tilefusion/fuse/range{range}.log",
+    benchmark:
+        "benchmarks/tilefusion/fuse/range{range}.tsv"
+    resources:
+        mem_mb=get_fuse_mem_mb,
+        runtime=get_fuse_runtime,
+        gpu=get_fuse_gpus,
+    conda:
+        "../../envs/tilefusion.yaml"
+    script:
+        "../scripts/fuse.py"

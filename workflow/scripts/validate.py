@@ -1,0 +1,10 @@
+from tilefusion.steps import run_logged, validate
+
+run_logged(
+    snakemake.log[0],
+    validate,
+    config=snakemake.config,
+    plan_path=snakemake.input.plan,
+    markers_dir=snakemake.params.markers_dir,
+    report_path=snakemake.output.report,
+)
