@@ -15,6 +15,6 @@ include: "workflow/rules/validate.smk"
 
 rule all:
     default_target: True
-    localrule: True
     input:
         get_final_output(),
+    localrule: True

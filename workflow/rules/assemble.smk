@@ -5,16 +5,16 @@ rule downsample:
         below=get_previous_level_markers,
     output:
         marker=f"{MARKERS}/level{{level}}/range{{range}}.json",
-    wildcard_constraints:
-        level=r"[1-9]\d*",
     log:
         "logs/tilefusion/downsample/level{level}-range{range}.log",
     benchmark:
         "benchmarks/tilefusion/downsample/level{level}-range{range}.tsv"
-    resources:
-        mem_mb=get_fuse_mem_mb,
+    wildcard_constraints:
+        level=r"[1-9]\d*",
     conda:
         "../../envs/tilefusion.yaml"
+    resources:
+        mem_mb=get_fuse_mem_mb,
     script:
         "../scripts/downsample.py"
 

@@ -1,4 +1,5 @@
 import sys
+from pathlib import Path
 
 from tilefusion import steps
 from tilefusion.config import load_config
@@ -48,6 +49,11 @@ def get_previous_level_markers(wildcards):
 
 def get_all_markers():
     return [m for k in range(len(PLAN.levels)) for m in get_level_markers(k)]
+
+
+def get_markers_dir(wildcards, input):
+    # markers/level{k}/range{r}.json -> markers
+    return str(Path(input.markers[0]).parent.parent)
 
 
 def get_fuse_mem_mb(wildcards, attempt):

@@ -22,11 +22,11 @@ rule fuse:
         "logs/tilefusion/fuse/range{range}.log",
     benchmark:
         "benchmarks/tilefusion/fuse/range{range}.tsv"
+    conda:
+        "../../envs/tilefusion.yaml"
     resources:
         mem_mb=get_fuse_mem_mb,
         runtime=get_fuse_runtime,
         gpu=get_fuse_gpus,
-    conda:
-        "../../envs/tilefusion.yaml"
     script:
         "../scripts/fuse.py"

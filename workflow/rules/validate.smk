@@ -5,11 +5,11 @@ rule validate:
         markers=get_all_markers(),
     output:
         report=QC_REPORT,
-    params:
-        markers_dir=MARKERS,
     log:
         "logs/tilefusion/validate.log",
     conda:
         "../../envs/tilefusion.yaml"
+    params:
+        markers_dir=get_markers_dir,
     script:
         "../scripts/validate.py"

@@ -1,0 +1,207 @@
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tilefusion import geometry
+from tilefusion.errors import InputError
+from tilefusion.fuse import FusionOptions, fuse_range
+from tilefusion.plan import make_plan, range_chunks, range_shards, read_plan, tiles_for_chunks
+from tilefusion.readers.arrays import register_memory_array
+from tilefusion.readers.base import ArraySource, Dataset, View
+from tilefusion.store import FormatV05, prepare_store
+
+SHARED = Path(
+    os.environ.get(
+        "TILEFUSION_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"
+    )
+)
+XMLS = SHARED / "bigstitcher-xml"
+
+
+def _view(setup, model, shape=(10, 20, 30), voxel=(1.0, 0.5, 0.5), source=None):
+    calibration = tuple(np.asarray(voxel) / min(voxel))
+    return View(
+        setup=setup,
+        timepoint=0,
+        shape_zyx=shape,
+        voxel_size_zyx=voxel,
+        model=model,
+        source=source or ArraySource("memory", f"v{setup}"),
+        calibration_zyx=calibration,
+    )
+
+
+def _calibrated(*registration):
+    return geometry.compose(*registration, geometry.scale([2.0, 1.0, 1.0]))
+
+
+def test_grid_is_bigstitchers_maximal_bounding_box():
+    views = (
+        _view(0, _calibrated()),
+        _view(1, _calibrated(geometry.translation([-0.5, -3.2, 25.7]))),
+    )
+    plan = make_plan(Dataset("d.xml", "micrometer", views), chunks_zyx=(8, 8, 8))
+    # view 0 spans z 0..18, y 0..19, x 0..29; view 1 z -0.5..17.5, y -3.2..15.8, x 25.7..54.7
+    assert plan.world_unit_zyx == (0.5, 0.5, 0.5)
+    assert plan.resolution_zyx == (0.5, 0.5, 0.5)
+    assert plan.shape_zyx == (18 - (-1) + 1, 19 - (-4) + 1, 55 - 0 + 1)
+    assert plan.origin_zyx == (-0.5, -2.0, 0.0)
+    keys = set(plan.to_json())
+    assert {
+        "unit",
+        "world_unit_zyx",
+        "resolution_zyx",
+        "origin_zyx",
+        "shape_zyx",
+        "chunks_zyx",
+        "ranges",
+    } <= keys
+
+
+def test_output_resolution_keeps_the_physical_grid():
+    views = (_view(0, _calibrated(geometry.translation([0.0, 0.0, 7.0]))),)
+    plan = make_plan(Dataset("d.xml", "micrometer", views), resolution_zyx=(1.0, 1.5, 1.5))
+    # x spans world 7..36 -> physical 3.5..18 -> index floor(3.5/1.5)=2 .. ceil(18/1.5)=12
+    assert plan.origin_zyx[2] == pytest.approx(3.0)
+    assert plan.shape_zyx[2] == 11
+    corner = geometry.transform_points(plan.tiles[0].tile_to_output, [[0, 0, 0]])[0]
+    # voxel (0,0,0) is at physical x 3.5 -> output index (3.5 - 3.0) / 1.5
+    assert corner[2] == pytest.approx(0.5 / 1.5)
+
+
+def test_ranges_own_whole_shards_exactly_once():
+    views = (_view(0, _calibrated(), shape=(40, 70, 90)),)
+    plan = make_plan(
+        Dataset("d.xml", "micrometer", views),
+        chunks_zyx=(8, 16, 16),
+        shards_zyx=(16, 32, 32),
+        chunks_per_range=10,  # rounds up to 2 shards of 8 chunks
+    )
+    level = plan.grid
+    assert level.shards_per_range == 2
+    seen = [s for r in range(level.n_ranges) for s in range_shards(level, r)]
+    assert len(seen) == len(set(seen)) == level.n_shards
+    covered = np.zeros(level.shape_zyx, dtype=int)
+    for r in range(level.n_ranges):
+        for lo, hi in range_chunks(level, r):
+            covered[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] += 1
+    assert np.all(covered == 1)
+
+
+def test_pyramid_levels_state_the_true_grid():
+    views = (_view(0, _calibrated(), shape=(40, 70, 90)),)
+    plan = make_plan(Dataset("d.xml", "micrometer", views), chunks_zyx=(16, 16, 16))
+    first, second = plan.levels[0], plan.levels[1]
+    assert second.scale_zyx == tuple(2 * s for s in first.scale_zyx)
+    # a level-1 voxel averages level-0 voxels 0 and 1: its centre is half a voxel on
+    assert second.translation_zyx == pytest.approx(
+        [t + 0.5 * s for t, s in zip(first.translation_zyx, first.scale_zyx)]
+    )
+    assert second.shape_zyx == tuple(math.ceil(s / 2) for s in first.shape_zyx)
+    last = plan.levels[-1]
+    assert all(s <= 16 for s in last.shape_zyx)
+
+
+def test_tiles_that_miss_a_chunk_are_not_listed():
+    views = (
+        _view(0, _calibrated()),
+        _view(1, _calibrated(geometry.translation([0, 0, 100.0]))),
+    )
+    plan = make_plan(Dataset("d.xml", "micrometer", views), chunks_zyx=(32, 32, 32))
+    boxes = [((0, 0, 0), (19, 20, 30)), ((0, 0, 100), (19, 20, 129))]
+    assert tiles_for_chunks(plan, boxes) == [[0], [1]]
+
+
+def test_no_view_is_refused():
+    with pytest.raises(InputError, match="no view"):
+        make_plan(Dataset("d.xml", "micrometer", ()))
+
+
+def test_one_bright_voxel_lands_on_its_index(tmp_path):
+    tile = np.full((8, 16, 16), 10, dtype=np.uint16)
+    tile[3, 5, 7] = 1000
+    source = register_memory_array("hot-voxel", tile)
+    model = _calibrated(geometry.translation([2.0, -3.0, 4.0]))
+    view = _view(0, model, shape=tile.shape, source=source)
+    plan = make_plan(Dataset("d.xml", "micrometer", (view,)), chunks_zyx=(32, 32, 32))
+    # world = model(voxel); grid starts at floor of the smallest corner (2, -3, 4)
+    prepare_store(plan, tmp_path / "out.zarr", ngff=FormatV05(), dtype="uint16", identity="t")
+    fuse_range(
+        plan,
+        0,
+        store_path=str(tmp_path / "out.zarr"),
+        ngff=FormatV05(),
+        options=FusionOptions(interpolation="linear", blending="mean"),
+    )
+    import zarr
+
+    out = zarr.open_array(str(tmp_path / "out.zarr" / "0"), mode="r")[:]
+    assert np.unravel_index(np.argmax(out), out.shape) == (6, 5, 7)
+    assert out[6, 5, 7] == 1000
+    # z voxels are 2 world units: the neighbours halfway between get the mean
+    assert out[5, 5, 7] == 505 and out[7, 5, 7] == 505
+
+
+needs_shared = pytest.mark.skipif(not XMLS.is_dir(), reason="../shared/data not present")
+
+
+@needs_shared
+def test_plan_real_xml_without_calibration():
+    from tilefusion.readers import read_dataset
+
+    dataset = read_dataset(
+        XMLS / "Rhapso__pipelines_fusion_data__BL6-R12_stitching_all_channels.xml"
+    )
+    channel = sorted({v.attributes["channel"] for v in dataset.views})[0]
+    selected = dataset.select(timepoint=0, channel=channel)
+    plan = make_plan(selected)
+    assert len(plan.tiles) == 38
+    assert plan.world_unit_zyx == pytest.approx((1.0, 0.242, 0.242))
+
+
+@needs_shared
+def test_plan_real_xml_with_calibration_in_nm():
+    from tilefusion.readers import read_dataset
+
+    dataset = read_dataset(XMLS / "pydantic-bigstitcher__bigstitcher_5.xml")
+    channel = sorted({v.attributes["channel"] for v in dataset.views})[0]
+    plan = make_plan(dataset.select(channel=channel))
+    assert plan.unit == "nanometer"
+    assert plan.world_unit_zyx == pytest.approx((168.0, 168.0, 168.0), rel=1e-3)
+
+
+@needs_shared
+def test_cli_plans_from_metadata_alone(tmp_path):
+    xml = XMLS / "pydantic-bigstitcher__bigstitcher_4.xml"
+    out = tmp_path / "plan.json"
+    start = time.perf_counter()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tilefusion.cli",
+            "plan",
+            str(xml),
+            "--metadata-only",
+            "--resolution",
+            "800",
+            "672",
+            "672",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert time.perf_counter() - start < 60
+    plan = json.loads(out.read_text())
+    assert plan["resolution_zyx"] == [800.0, 672.0, 672.0]
+    assert plan["ranges"] == read_plan(out).grid.n_ranges >= 1
