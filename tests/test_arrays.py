@@ -1,0 +1,399 @@
+"""Every array backend passes one contract (:class:`TileArrayContract`)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from tilefusion.errors import InputError
+from tilefusion.readers import ArraySource, open_array
+from tilefusion.readers.arrays import (
+    TileArray,
+    forget_memory_array,
+    register_memory_array,
+    write_n5_array,
+)
+
+SHAPE = (13, 17, 19)
+CHUNKS = (4, 5, 6)
+CROPS = [
+    ((0, 0, 0), SHAPE),
+    ((0, 0, 0), (1, 1, 1)),
+    ((3, 4, 5), (9, 12, 13)),  # straddles chunk borders on every axis
+    ((12, 16, 18), SHAPE),
+    ((4, 5, 6), (8, 10, 12)),  # exactly one chunk
+    ((2, 3, 4), (2, 9, 9)),  # empty along z
+]
+
+
+def _shared_data() -> Path:
+    env = os.environ.get("TILEFUSION_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _pattern(dtype: str) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    if np.dtype(dtype).kind == "f":
+        return rng.normal(size=SHAPE).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, size=SHAPE, endpoint=True, dtype=dtype)
+
+
+class TileArrayContract:
+    """What every backend guarantees; subclasses implement :meth:`make`."""
+
+    dtypes: tuple[str, ...] = ("uint16", "float32", "uint8")
+
+    def make(self, data: np.ndarray, tmp_path: Path) -> ArraySource:
+        """Store ``data`` (zyx) with this backend; return its source."""
+        raise NotImplementedError
+
+    @pytest.fixture(params=["uint16", "float32", "uint8"])
+    def stored(
+        self, request: pytest.FixtureRequest, tmp_path: Path
+    ) -> tuple[np.ndarray, TileArray]:
+        if request.param not in self.dtypes:
+            pytest.skip(f"{type(self).__name__} does not store {request.param}")
+        data = _pattern(request.param)
+        return data, open_array(self.make(data, tmp_path))
+
+    def test_is_tile_array(self, stored: tuple[np.ndarray, TileArray]) -> None:
+        assert isinstance(stored[1], TileArray)
+
+    def test_shape_and_dtype(self, stored: tuple[np.ndarray, TileArray]) -> None:
+        data, arr = stored
+        assert arr.shape == SHAPE
+        assert all(type(n) is int for n in arr.shape)
+        assert arr.dtype == data.dtype
+
+    @pytest.mark.parametrize(("lo", "hi"), CROPS)
+    def test_crop(self, stored: tuple[np.ndarray, TileArray], lo: tuple, hi: tuple) -> None:
+        data, arr = stored
+        out = arr.read(lo, hi)
+        assert type(out) is np.ndarray
+        assert out.dtype == data.dtype
+        expected = data[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        assert out.shape == expected.shape
+        np.testing.assert_array_equal(out, expected)
+
+    def test_crop_is_a_private_copy(self, stored: tuple[np.ndarray, TileArray]) -> None:
+        data, arr = stored
+        out = arr.read((0, 0, 0), (2, 2, 2))
+        out[...] = 0
+        np.testing.assert_array_equal(arr.read((0, 0, 0), (2, 2, 2)), data[:2, :2, :2])
+
+    @pytest.mark.parametrize(
+        ("lo", "hi"), [((0, 0, 0), (14, 17, 19)), ((-1, 0, 0), (2, 2, 2)), ((3, 0, 0), (2, 2, 2))]
+    )
+    def test_crop_outside_raises(
+        self, stored: tuple[np.ndarray, TileArray], lo: tuple, hi: tuple
+    ) -> None:
+        with pytest.raises(ValueError, match="outside"):
+            stored[1].read(lo, hi)
+
+
+class TestMemory(TileArrayContract):
+    def make(self, data: np.ndarray, tmp_path: Path) -> ArraySource:
+        name = f"contract-{tmp_path.name}"
+        source = register_memory_array(name, data)
+        return source
+
+    def test_unknown_name(self) -> None:
+        forget_memory_array("nope")
+        with pytest.raises(InputError, match="nope: memory: no array registered"):
+            open_array(ArraySource("memory", "nope"))
+
+
+class TestZarrV2(TileArrayContract):
+    def make(self, data: np.ndarray, tmp_path: Path) -> ArraySource:
+        path = tmp_path / "tile.zarr"
+        z = zarr.create_array(
+            str(path), shape=data.shape, chunks=CHUNKS, dtype=data.dtype, zarr_format=2
+        )
+        z[...] = data
+        return ArraySource("zarr", str(path))
+
+    def test_reads_only_the_chunks_of_the_crop(self, tmp_path: Path) -> None:
+        data = _pattern("uint16")
+        source = self.make(data, tmp_path)
+        (Path(source.path) / "3.3.3").write_bytes(b"not a chunk")  # last chunk
+        arr = open_array(source)
+        np.testing.assert_array_equal(arr.read((0, 0, 0), (4, 5, 6)), data[:4, :5, :6])
+        with pytest.raises(InputError, match=r"tile\.zarr: array: cannot read crop"):
+            arr.read((0, 0, 0), SHAPE)
+
+
+class TestZarrV3(TileArrayContract):
+    def make(self, data: np.ndarray, tmp_path: Path) -> ArraySource:
+        path = tmp_path / "tile.zarr"
+        z = zarr.create_array(
+            str(path), shape=data.shape, chunks=CHUNKS, dtype=data.dtype, zarr_format=3
+        )
+        z[...] = data
+        return ArraySource("zarr", str(path))
+
+
+class TestOmeZarrGroup(TileArrayContract):
+    """A 5D (t, c, z, y, x) OME-Zarr 0.4 multiscale image: level 0, t and c dropped."""
+
+    def make(self, data: np.ndarray, tmp_path: Path) -> ArraySource:
+        path = tmp_path / "image.ome.zarr"
+        group = zarr.open_group(str(path), mode="w", zarr_format=2)
+        group.attrs["multiscales"] = [
+            {
+                "version": "0.4",
+                "axes": [{"name": n} for n in "tczyx"],
+                "datasets": [{"path": "s0"}, {"path": "s1"}],
+            }
+        ]
+        level0 = group.create_array(
+            "s0", shape=(1, 1, *data.shape), chunks=(1, 1, *CHUNKS), dtype=data.dtype
+        )
+        level0[0, 0] = data
+        group.create_array("s1", shape=(1, 1, 2, 2, 2), dtype=data.dtype)
+        return ArraySource("zarr", str(path))
+
+    def test_non_singleton_channel_axis_is_refused(self, tmp_path: Path) -> None:
+        path = tmp_path / "multi.zarr"
+        zarr.create_array(str(path), shape=(2, 4, 5, 6), dtype="uint8", zarr_format=3)
+        with pytest.raises(InputError, match="more than 3 non-singleton axes"):
+            open_array(ArraySource("zarr", str(path)))
+
+    def test_group_without_level0(self, tmp_path: Path) -> None:
+        zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+        with pytest.raises(InputError, match="no array '0'"):
+            open_array(ArraySource("zarr", str(tmp_path / "g.zarr")))
+
+
+class TestN5Gzip(TileArrayContract):
+    compression = "gzip"
+
+    def make(self, data: np.ndarray, tmp_path: Path) -> ArraySource:
+        return write_n5_array(
+            tmp_path / "data.n5",
+            "setup0/timepoint0/s0",
+            data,
+            block_size_zyx=CHUNKS,
+            compression=self.compression,
+        )
+
+    def test_layout_is_xyz_big_endian(self, tmp_path: Path) -> None:
+        """The on-disk format N5 readers (BigDataViewer, n5-java) expect."""
+        data = _pattern("uint16")
+        source = self.make(data, tmp_path)
+        folder = Path(source.path) / source.key
+        attrs = json.loads((folder / "attributes.json").read_text())
+        assert attrs["dimensions"] == [19, 17, 13]
+        assert attrs["blockSize"] == [6, 5, 4]
+        # Block x=1, y=2, z=3 is file 1/2/3 and holds zyx [12:13, 10:15, 6:12].
+        raw = (folder / "1" / "2" / "3").read_bytes()
+        mode, ndim, *dims = struct.unpack_from(">HH3I", raw)
+        assert (mode, ndim, dims) == (0, 3, [6, 5, 1])
+        body = raw[16:] if self.compression == "raw" else gzip.decompress(raw[16:])
+        block = np.frombuffer(body, dtype=">u2").reshape(1, 5, 6)
+        np.testing.assert_array_equal(block, data[12:13, 10:15, 6:12])
+
+    def test_missing_block_reads_as_zeros(self, tmp_path: Path) -> None:
+        data = _pattern("uint16")
+        source = self.make(data, tmp_path)
+        (Path(source.path) / source.key / "0" / "0" / "0").unlink()
+        out = open_array(source).read((0, 0, 0), (5, 6, 7))
+        assert np.all(out[:4, :5, :6] == 0)
+        np.testing.assert_array_equal(out[4:, :, :], data[4:5, :6, :7])
+
+    def test_reads_only_the_blocks_of_the_crop(self, tmp_path: Path) -> None:
+        data = _pattern("uint16")
+        source = self.make(data, tmp_path)
+        (Path(source.path) / source.key / "3" / "3" / "3").write_bytes(b"\x00")
+        arr = open_array(source)
+        np.testing.assert_array_equal(arr.read((0, 0, 0), (4, 5, 6)), data[:4, :5, :6])
+        with pytest.raises(InputError, match="setup0/timepoint0/s0/3/3/3: corrupt N5 block"):
+            arr.read((0, 0, 0), SHAPE)
+
+    def test_bdv_setup_group_resolves_to_s0(self, tmp_path: Path) -> None:
+        data = _pattern("uint8")
+        source = self.make(data, tmp_path)
+        (Path(source.path) / "setup0" / "timepoint0" / "attributes.json").write_text("{}")
+        arr = open_array(ArraySource("n5", source.path, "setup0/timepoint0"))
+        assert arr.shape == SHAPE
+
+    def test_missing_dataset(self, tmp_path: Path) -> None:
+        source = self.make(_pattern("uint8"), tmp_path)
+        with pytest.raises(InputError, match=r"setup9.*N5 dataset not found"):
+            open_array(ArraySource("n5", source.path, "setup9/timepoint0/s0"))
+
+    def test_unknown_compression(self, tmp_path: Path) -> None:
+        source = self.make(_pattern("uint8"), tmp_path)
+        attrs_path = Path(source.path) / source.key / "attributes.json"
+        attrs = json.loads(attrs_path.read_text())
+        attrs["compression"] = {"type": "lz4"}
+        attrs_path.write_text(json.dumps(attrs))
+        with pytest.raises(InputError, match="compression: N5 compression 'lz4'"):
+            open_array(source)
+
+
+class TestN5Raw(TestN5Gzip):
+    compression = "raw"
+
+
+class TestN5Zstd(TileArrayContract):
+    def make(self, data: np.ndarray, tmp_path: Path) -> ArraySource:
+        return write_n5_array(
+            tmp_path / "d.n5", "s0", data, block_size_zyx=CHUNKS, compression="zstd"
+        )
+
+
+class TestHdf5(TileArrayContract):
+    def make(self, data: np.ndarray, tmp_path: Path) -> ArraySource:
+        path = tmp_path / "d.h5"
+        with h5py.File(path, "w") as fh:
+            fh.create_dataset("t00000/s00/0/cells", data=data, chunks=CHUNKS, compression="gzip")
+            fh.create_group("s00").attrs["dataType"] = str(data.dtype)
+        return ArraySource("hdf5", str(path), "t00000/s00/0/cells")
+
+    def test_group_resolves_to_level0_cells(self, tmp_path: Path) -> None:
+        source = self.make(_pattern("uint8"), tmp_path)
+        assert open_array(ArraySource("hdf5", source.path, "t00000/s00")).shape == SHAPE
+
+    def test_missing_dataset(self, tmp_path: Path) -> None:
+        source = self.make(_pattern("uint8"), tmp_path)
+        with pytest.raises(InputError, match=r"dataset 't00000/s01/0/cells': not found"):
+            open_array(ArraySource("hdf5", source.path, "t00000/s01/0/cells"))
+
+
+class TestHdf5LegacyInt16(TileArrayContract):
+    """Old BigDataViewer files: uint16 pixels in an int16 dataset, no dataType."""
+
+    dtypes = ("uint16",)
+
+    def make(self, data: np.ndarray, tmp_path: Path) -> ArraySource:
+        path = tmp_path / "legacy.h5"
+        with h5py.File(path, "w") as fh:
+            fh.create_dataset("t00000/s00/0/cells", data=data.view(np.int16), chunks=CHUNKS)
+            fh.create_group("s00")
+        return ArraySource("hdf5", str(path), "t00000/s00/0/cells")
+
+    def test_int16_outside_bdv_layout_stays_int16(self, tmp_path: Path) -> None:
+        path = tmp_path / "plain.h5"
+        with h5py.File(path, "w") as fh:
+            fh.create_dataset("volume", data=np.full((2, 3, 4), -5, np.int16))
+        arr = open_array(ArraySource("hdf5", str(path), "volume"))
+        assert arr.dtype == np.int16
+        assert arr.read((0, 0, 0), (1, 1, 1)).item() == -5
+
+
+class TestTiffMemmap(TileArrayContract):
+    def make(self, data: np.ndarray, tmp_path: Path) -> ArraySource:
+        path = tmp_path / "tile.tif"
+        tifffile.imwrite(path, data)
+        return ArraySource("tiff", str(path))
+
+    def test_is_memory_mapped(self, tmp_path: Path) -> None:
+        arr = open_array(self.make(_pattern("uint16"), tmp_path))
+        assert isinstance(arr._backing, np.memmap)  # type: ignore[attr-defined]
+
+
+class TestTiffCompressed(TileArrayContract):
+    """Tiled, compressed TIFF: read through tifffile's Zarr store."""
+
+    def make(self, data: np.ndarray, tmp_path: Path) -> ArraySource:
+        path = tmp_path / "tile.tif"
+        tifffile.imwrite(path, data, compression="zlib", tile=(16, 16))
+        return ArraySource("tiff", str(path))
+
+
+class TestTiffChannel(TileArrayContract):
+    """An ImageJ ZCYX hyperstack; the key selects the channel."""
+
+    def make(self, data: np.ndarray, tmp_path: Path) -> ArraySource:
+        path = tmp_path / "hyperstack.tif"
+        stack = np.stack([np.zeros_like(data), data, np.ones_like(data)], axis=1)
+        tifffile.imwrite(path, stack, imagej=True, metadata={"axes": "ZCYX"})
+        return ArraySource("tiff", str(path), "series=0,channel=1")
+
+    def test_multichannel_without_channel_is_refused(self, tmp_path: Path) -> None:
+        source = self.make(_pattern("uint16"), tmp_path)
+        with pytest.raises(InputError, match="more than 3 non-singleton axes"):
+            open_array(ArraySource("tiff", source.path))
+
+    def test_channel_out_of_range(self, tmp_path: Path) -> None:
+        source = self.make(_pattern("uint16"), tmp_path)
+        with pytest.raises(InputError, match=r"channel 5 not in 0\.\.2"):
+            open_array(ArraySource("tiff", source.path, "channel=5"))
+
+    def test_bad_key(self, tmp_path: Path) -> None:
+        source = self.make(_pattern("uint16"), tmp_path)
+        with pytest.raises(InputError, match="TIFF key is 'series=S,channel=C'"):
+            open_array(ArraySource("tiff", source.path, "page=2"))
+
+
+def test_two_d_array_reads_as_one_plane() -> None:
+    plane = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    arr = open_array(register_memory_array("plane", plane))
+    assert arr.shape == (1, 3, 4)
+    np.testing.assert_array_equal(arr.read((0, 1, 1), (1, 3, 3)), plane[np.newaxis, 1:3, 1:3])
+    assert arr.read((1, 0, 0), (1, 3, 4)).shape == (0, 3, 4)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name", "match"),
+    [
+        ("zarr", "missing.zarr", "missing.zarr: array: "),
+        ("n5", "missing.n5", "missing.n5: n5: N5 container not found"),
+        ("hdf5", "missing.h5", "missing.h5: hdf5: HDF5 file not found"),
+        ("tiff", "missing.tif", "missing.tif: tiff: TIFF file not found"),
+    ],
+)
+def test_missing_file_is_an_input_error(tmp_path: Path, fmt: str, name: str, match: str) -> None:
+    with pytest.raises(InputError, match=match):
+        open_array(ArraySource(fmt, str(tmp_path / name)))  # type: ignore[arg-type]
+
+
+def test_unsupported_loader_names_file_and_loader() -> None:
+    with pytest.raises(InputError, match=r"a\.xml: ImageLoader: .*'bdv\.remote' cannot be read"):
+        open_array(ArraySource("unsupported", "a.xml", "bdv.remote"))
+
+
+# --- real data ------------------------------------------------------------------
+
+KIDNEY = _shared_data() / "real-tiles" / "npy2bdv_kidney"
+FUSED = _shared_data() / "real-tiles" / "aind-cloud-fusion_real_data" / "tests" / "real_data"
+
+
+@pytest.mark.skipif(not KIDNEY.is_dir(), reason="shared real-tiles data not present")
+@pytest.mark.parametrize("setup", [0, 1, 2])
+def test_kidney_hdf5_equals_original_tiff(setup: int) -> None:
+    """Legacy int16 BDV HDF5, reinterpreted as uint16, equals the source hyperstack."""
+    h5 = open_array(ArraySource("hdf5", str(KIDNEY / "kidney.h5"), f"t00000/s{setup:02d}/0/cells"))
+    tif_path = KIDNEY / "2020-10-08-VictorPuelles-KidneyMalaria.tif"
+    tif = open_array(ArraySource("tiff", str(tif_path), f"channel={setup}"))
+    assert h5.shape == tif.shape == (32, 172, 111)
+    assert h5.dtype == tif.dtype == np.uint16
+    expected = tifffile.imread(tif_path)[:, setup]
+    np.testing.assert_array_equal(h5.read((0, 0, 0), h5.shape), expected)
+    np.testing.assert_array_equal(
+        tif.read((5, 20, 30), (17, 99, 101)), expected[5:17, 20:99, 30:101]
+    )
+    np.testing.assert_array_equal(
+        h5.read((5, 20, 30), (17, 99, 101)), expected[5:17, 20:99, 30:101]
+    )
+
+
+@pytest.mark.skipif(not FUSED.is_dir(), reason="shared real-tiles data not present")
+def test_real_zarr_v2_5d_blosc() -> None:
+    arr = open_array(ArraySource("zarr", str(FUSED / "fused.zarr"), "0"))
+    assert arr.shape == (100, 500, 1000)
+    assert arr.dtype == np.uint16
+    crop = arr.read((90, 95, 190), (100, 105, 210))  # straddles chunk borders
+    full = zarr.open_array(str(FUSED / "fused.zarr" / "0"), mode="r")
+    np.testing.assert_array_equal(crop, full[0, 0, 90:100, 95:105, 190:210])
+    assert open_array(ArraySource("zarr", str(FUSED / "fused.zarr"))).shape == arr.shape
