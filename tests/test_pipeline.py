@@ -122,7 +122,7 @@ def test_existing_output_is_never_overwritten_silently(demo_xml, tmp_path):
     config = _config(demo_xml, tmp_path)
     with pytest.raises(InputError, match="not written by tilefusion"):
         steps.check_output_path(load_config(config))
-    with pytest.raises(InputError, match="output.overwrite"):
+    with pytest.raises(InputError, match=r"output\.overwrite"):
         run_pipeline(config, tmp_path)
     assert (foreign / "precious.txt").read_text() == "keep me"
     config["output"]["overwrite"] = True

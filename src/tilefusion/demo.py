@@ -124,7 +124,7 @@ def demo_dataset(xml_path: str | Path, spec: DemoSpec = DemoSpec()) -> Dataset:
                 model=geometry.compose(*(a for _, a in chain)),
                 source=ArraySource("zarr", str(xml_path.parent / f"tile{setup}.zarr")),
                 attributes={"channel": 0, "illumination": 0, "tile": setup, "angle": 0},
-                calibration_zyx=tuple(calibration.tolist()),  # type: ignore[arg-type]
+                calibration_zyx=tuple(calibration.tolist()),
             )
         )
     return Dataset(str(xml_path), "micrometer", tuple(views))

@@ -86,7 +86,7 @@ def tile_crop_bounds(
         or np.any(pts.min(axis=0) > size - 1)
     ):
         return None
-    return out_to_tile, tuple(crop_lo.tolist()), tuple(crop_hi.tolist())  # type: ignore[return-value]
+    return out_to_tile, tuple(crop_lo.tolist()), tuple(crop_hi.tolist())
 
 
 class _TileCache:

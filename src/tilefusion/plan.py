@@ -52,11 +52,11 @@ Shape3 = tuple[int, int, int]
 Float3 = tuple[float, float, float]
 
 
-def _shape3(values: Sequence[Any]) -> Shape3:
+def _shape3(values: Sequence[Any] | NDArray[Any]) -> Shape3:
     return (int(values[0]), int(values[1]), int(values[2]))
 
 
-def _float3(values: Sequence[Any]) -> Float3:
+def _float3(values: Sequence[Any] | NDArray[Any]) -> Float3:
     return (float(values[0]), float(values[1]), float(values[2]))
 
 

@@ -268,7 +268,7 @@ def prepare_store(
 
 def open_level(path: str | Path, level: int, *, mode: str = "r+") -> zarr.Array:
     """Open one level's array."""
-    return zarr.open_array(str(Path(path) / str(level)), mode=mode)  # type: ignore[arg-type]
+    return zarr.open_array(str(Path(path) / str(level)), mode=mode)
 
 
 def cast_to_dtype(block: NDArray[np.floating[Any]], dtype: np.dtype[Any]) -> NDArray[Any]:

@@ -77,7 +77,9 @@ def _metadata_problems(store_path: Path, ngff: NgffFormat, plan: Plan) -> list[s
         except KeyError:
             problems.append(f"{store_path}: level {k} array {entry.get('path')!r} missing")
             continue
-        if tuple(array.shape) != level.shape_zyx:
+        if not isinstance(array, zarr.Array):
+            problems.append(f"{store_path}: level {k} {entry['path']!r} is not an array")
+        elif tuple(array.shape) != level.shape_zyx:
             problems.append(f"{store_path}: level {k} shape {array.shape} != {level.shape_zyx}")
     problems.extend(_schema_problems(store_path, ngff))
     return problems
