@@ -44,11 +44,9 @@ __all__ = [
 
 Affine = NDArray[np.float64]
 
-# xyz <-> zyx is the same permutation both ways.
-_REVERSE_AXES = np.array(
-    [[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]],
-    dtype=np.float64,
-)
+# xyz <-> zyx is the same permutation both ways; indexing (not a matrix
+# product) keeps a NaN where it was, so error messages can name it.
+_REVERSE_AXES = [2, 1, 0, 3]
 
 
 def identity() -> Affine:
@@ -88,12 +86,12 @@ def affine_from_bdv(values: Sequence[float]) -> Affine:
         raise ValueError(f"an affine has 12 numbers, got {arr.size}")
     xyz = np.eye(4)
     xyz[:3, :] = arr.reshape(3, 4)
-    return _REVERSE_AXES @ xyz @ _REVERSE_AXES
+    return xyz[np.ix_(_REVERSE_AXES, _REVERSE_AXES)]
 
 
 def affine_to_bdv(affine: Affine) -> list[float]:
     """Inverse of :func:`affine_from_bdv`: 12 numbers, row-major 3x4, xyz."""
-    xyz = _REVERSE_AXES @ np.asarray(affine, dtype=np.float64) @ _REVERSE_AXES
+    xyz = np.asarray(affine, dtype=np.float64)[np.ix_(_REVERSE_AXES, _REVERSE_AXES)]
     return [float(v) for v in xyz[:3, :].ravel()]
 
 
@@ -115,10 +113,10 @@ def check_affine(affine: ArrayLike, *, source: str, field: str) -> Affine:
         or is singular (no inverse, so voxels cannot be looked up).
     """
     a = np.asarray(affine, dtype=np.float64)
+    if a.shape == (4, 4) and not np.all(np.isfinite(a)):
+        raise InputError(source, field, "affine holds NaN or infinity")
     if a.shape != (4, 4) or not np.array_equal(a[3], [0.0, 0.0, 0.0, 1.0]):
         raise InputError(source, field, f"not a 3x4 affine: {a.tolist()}")
-    if not np.all(np.isfinite(a)):
-        raise InputError(source, field, "affine holds NaN or infinity")
     linear = a[:3, :3]
     # Relative test: a voxel-to-world model with tiny voxels is still invertible.
     norm = np.linalg.norm(linear)

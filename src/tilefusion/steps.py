@@ -23,6 +23,8 @@ from tilefusion.readers.base import Dataset
 
 __all__ = [
     "assemble",
+    "check_before_run",
+    "check_output_path",
     "downsample",
     "fuse",
     "fuse_memory_mb",
@@ -164,6 +166,17 @@ def _output_dtype(config: Mapping[str, Any], plan: Plan) -> str:
             plan.dataset, "dtype", f"tiles differ in type {sorted(declared)}; set output.dtype"
         )
     return declared.pop()
+
+
+def check_before_run(config: Mapping[str, Any]) -> None:
+    """Everything checked before any job starts: tiles against metadata, the output.
+
+    Tiles are opened (metadata only) when the dataset exists; a demo that is
+    still to be generated is checked by the plan step.
+    """
+    if Path(config["dataset"]).exists():
+        load_dataset(config, metadata_only=False)
+    check_output_path(config)
 
 
 def check_output_path(config: Mapping[str, Any]) -> None:

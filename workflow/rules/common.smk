@@ -16,11 +16,13 @@ MARKERS = f"{RESULTS}/markers"
 
 # Users' mistakes stop the run here, before any job, with one line naming the
 # file and field; the plan is made from metadata only, so every fuse job is in
-# the DAG (and in `snakemake -n`) from the start.
+# the DAG (and in `snakemake -n`) from the start. Tiles and the output are
+# checked once, by the main process, not again inside every job.
 try:
     config.update(load_config(config, source="config"))
     PLAN = steps.plan_from_config(config)
-    steps.check_output_path(config)
+    if workflow.is_main_process:
+        steps.check_before_run(config)
 except InputError as error:
     sys.exit(f"tilefusion: error: {error}")
 
