@@ -33,7 +33,7 @@ def _config(demo_xml: Path, workdir: Path, **fusion) -> Path:
             "shards": [32, 64, 64],
             "pyramid_levels": 2,
         },
-        "fusion": {"chunks_per_range": 16, **fusion},
+        "fusion": {"chunks_per_range": 64, **fusion},
     }
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "my.yaml"
