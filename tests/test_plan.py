@@ -205,3 +205,31 @@ def test_cli_plans_from_metadata_alone(tmp_path):
     plan = json.loads(out.read_text())
     assert plan["resolution_zyx"] == [800.0, 672.0, 672.0]
     assert plan["ranges"] == read_plan(out).grid.n_ranges >= 1
+
+
+def test_manifest_lists_the_tiles_of_every_chunk(tmp_path):
+    import pandas as pd
+
+    from tilefusion.plan import write_manifest
+
+    views = tuple(
+        _view(i, _calibrated(geometry.translation([0.0, 13.0 * (i // 3), 21.0 * (i % 3)])))
+        for i in range(6)
+    )
+    plan = make_plan(
+        Dataset("d.xml", "micrometer", views),
+        chunks_zyx=(8, 8, 8),
+        shards_zyx=(8, 16, 16),
+        chunks_per_range=8,
+    )
+    write_manifest(plan, tmp_path / "manifest.tsv")
+    table = pd.read_csv(tmp_path / "manifest.tsv", sep="\t")
+    expected = []
+    for r in range(plan.grid.n_ranges):
+        boxes = range_chunks(plan.grid, r)
+        for (lo, _hi), ids in zip(boxes, tiles_for_chunks(plan, boxes)):
+            if ids:
+                index = [a // 8 for a in lo]
+                expected.append((r, *index, ",".join(plan.tiles[i].name for i in ids)))
+    got = [tuple(row) for row in table.itertuples(index=False)]
+    assert sorted(got) == sorted(expected) and len(got) > 10

@@ -19,6 +19,7 @@ fuse job writes any stored object.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -38,6 +39,7 @@ __all__ = [
     "Plan",
     "PlannedTile",
     "Shape3",
+    "chunk_tile_pairs",
     "make_plan",
     "post_transform_affine",
     "range_chunks",
@@ -499,19 +501,61 @@ def tiles_for_chunks(plan: Plan, chunk_boxes: Sequence[tuple[Shape3, Shape3]]) -
     return [np.flatnonzero(row).tolist() for row in hits]
 
 
-def write_manifest(plan: Plan, path: str | Path) -> None:
-    """Write the range → chunk → tiles table (TSV, one row per chunk with tiles)."""
+def chunk_tile_pairs(plan: Plan) -> NDArray[np.int64]:
+    """Every (range, chunk z, chunk y, chunk x, tile) of level 0 where a tile's box meets a chunk.
+
+    The same test as :func:`tiles_for_chunks`, computed per tile so that
+    planning costs grow with the pairs, not with chunks times tiles.
+    Rows are sorted by range, chunk (C order) and tile.
+    """
     level = plan.grid
+    chunks = np.asarray(level.chunks_zyx)
+    grid = np.asarray([math.ceil(s / c) for s, c in zip(level.shape_zyx, level.chunks_zyx)])
+    parts = []
+    for index, tile in enumerate(plan.tiles):
+        # chunk c holds voxel centres c*C .. c*C + C - 1
+        first = np.maximum(np.ceil((np.asarray(tile.box_lo) - chunks + 1) / chunks), 0)
+        last = np.minimum(np.floor(np.asarray(tile.box_hi) / chunks), grid - 1)
+        if np.any(last < first):
+            continue
+        axes = [np.arange(a, b + 1, dtype=np.int64) for a, b in zip(first, last)]
+        zz, yy, xx = np.meshgrid(*axes, indexing="ij")
+        block = np.empty((zz.size, 4), dtype=np.int64)
+        block[:, 0], block[:, 1], block[:, 2] = zz.ravel(), yy.ravel(), xx.ravel()
+        block[:, 3] = index
+        parts.append(block)
+    if not parts:
+        return np.empty((0, 5), dtype=np.int64)
+    pairs = np.concatenate(parts)
+    per_shard = np.asarray(level.shards_zyx) // chunks
+    shard = pairs[:, :3] // per_shard
+    flat_shard = np.ravel_multi_index(tuple(shard.T), level.shard_grid)
+    ranges = flat_shard // level.shards_per_range
+    flat_chunk = np.ravel_multi_index(tuple(pairs[:, :3].T), tuple(grid))
+    order = np.lexsort((pairs[:, 3], flat_chunk, ranges))
+    return np.column_stack([ranges, pairs[:, :3], pairs[:, 3]])[order]
+
+
+def write_manifest(plan: Plan, path: str | Path) -> None:
+    """Write the range → chunk → tiles table (TSV, one row per chunk with tiles).
+
+    Columns: ``range``, ``chunk_z``, ``chunk_y``, ``chunk_x`` (chunk grid
+    indices) and ``tiles`` (comma-separated view names); ``pandas.read_csv(path,
+    sep="\\t")`` reads it.
+    """
+    rows = chunk_tile_pairs(plan)
+    names = np.array([t.name for t in plan.tiles], dtype=object)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w") as out:
         out.write("range\tchunk_z\tchunk_y\tchunk_x\ttiles\n")
-        for r in range(level.n_ranges):
-            boxes = range_chunks(level, r)
-            for (lo, _hi), tile_ids in zip(boxes, tiles_for_chunks(plan, boxes)):
-                if not tile_ids:
-                    continue
-                index = [a // c for a, c in zip(lo, level.chunks_zyx)]
-                names = ",".join(plan.tiles[i].name for i in tile_ids)
-                out.write(f"{r}\t{index[0]}\t{index[1]}\t{index[2]}\t{names}\n")
+        if len(rows):
+            keys = rows[:, :4]
+            starts = np.flatnonzero(np.any(np.diff(keys, axis=0) != 0, axis=1)) + 1
+            bounds = np.concatenate([[0], starts, [len(rows)]])
+            lines = []
+            for a, b in itertools.pairwise(bounds):
+                r, z, y, x = keys[a]
+                lines.append(f"{r}\t{z}\t{y}\t{x}\t{','.join(names[rows[a:b, 4]])}\n")
+            out.writelines(lines)
     tmp.replace(path)
