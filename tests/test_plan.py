@@ -233,3 +233,20 @@ def test_manifest_lists_the_tiles_of_every_chunk(tmp_path):
                 expected.append((r, *index, ",".join(plan.tiles[i].name for i in ids)))
     got = [tuple(row) for row in table.itertuples(index=False)]
     assert sorted(got) == sorted(expected) and len(got) > 10
+
+
+def test_post_transforms_apply_after_registration_in_physical_units():
+    from tilefusion.plan import post_transform_affine
+
+    views = (_view(0, _calibrated(), shape=(10, 20, 30)),)
+    dataset = Dataset("d.xml", "micrometer", views)
+    plain = make_plan(dataset)
+    # listed order is application order: stretch x by 2, then shift x by 100 um
+    post = post_transform_affine(
+        [{"scale": [1.0, 1.0, 2.0]}, {"translation": [0.0, 0.0, 100.0]}], source="config"
+    )
+    stretched = make_plan(dataset, post_transform=post)
+    assert stretched.shape_zyx[2] == 2 * (plain.shape_zyx[2] - 1) + 1
+    assert stretched.origin_zyx[2] == pytest.approx(100.0)
+    with pytest.raises(InputError, match=r"post_transforms\[0\]"):
+        post_transform_affine([{"scale": [1.0, 0.0, 1.0]}], source="config")
