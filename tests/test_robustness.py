@@ -1,6 +1,7 @@
 """Failed ranges rerun alone and bit-identically; bad input is refused; nothing is lost."""
 
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -229,3 +230,20 @@ def test_resources_grow_with_attempt(demo_xml):
     assert steps.fuse_runtime_min(plan, attempt=3) == 4 * steps.fuse_runtime_min(plan, attempt=1)
     assert first > 600
     assert np.isfinite(first)
+
+
+def test_changed_settings_rerun_everything_only_with_overwrite(demo_xml, tmp_path):
+    configfile = _config(demo_xml, tmp_path)
+    assert _run(tmp_path, configfile).returncode == 0
+    config = yaml.safe_load(configfile.read_text())
+    config["fusion"]["blending"] = "max"
+    configfile.write_text(yaml.safe_dump(config))
+    refused = _run(tmp_path, configfile)
+    assert refused.returncode != 0 and "another configuration" in refused.stderr
+    config["output"]["overwrite"] = True
+    configfile.write_text(yaml.safe_dump(config))
+    dry = _run(tmp_path, configfile, "-n", "--quiet", "rules")
+    assert re.search(r"^fuse\s+\d+$", dry.stdout, flags=re.M), dry.stdout
+    assert _run(tmp_path, configfile).returncode == 0
+    report = json.loads((tmp_path / "results/tilefusion/qc_report.json").read_text())
+    assert report["ok"]

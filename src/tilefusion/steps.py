@@ -32,6 +32,7 @@ __all__ = [
     "load_dataset",
     "marker_path",
     "plan_from_config",
+    "plan_settings_digest",
     "prepare",
     "run_logged",
     "store_identity",
@@ -71,6 +72,13 @@ def store_identity(config: Mapping[str, Any]) -> str:
             value = {k: v for k, v in value.items() if k not in _NOT_IDENTITY.get(key, ())}
         chosen[key] = value
     return config_digest(chosen)
+
+
+def plan_settings_digest(config: Mapping[str, Any]) -> str:
+    """Hash of every setting the plan and the stored bytes depend on."""
+    return config_digest(
+        {"identity": store_identity(config), "ranges": config["fusion"]["chunks_per_range"]}
+    )
 
 
 def load_dataset(config: Mapping[str, Any], *, metadata_only: bool = True) -> Dataset:

@@ -36,6 +36,11 @@ def get_final_output():
     return [QC_REPORT]
 
 
+def get_plan_settings():
+    # A changed setting reruns the plan, and so every job after it.
+    return steps.plan_settings_digest(config)
+
+
 def get_dataset():
     return config["dataset"]
 

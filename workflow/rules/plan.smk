@@ -21,5 +21,7 @@ rule plan:
         "logs/tilefusion/plan.log",
     conda:
         "../../envs/tilefusion.yaml"
+    params:
+        settings=get_plan_settings(),
     script:
         "../scripts/plan.py"
