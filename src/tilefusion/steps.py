@@ -231,30 +231,31 @@ def fuse(
     config: Mapping[str, Any], *, plan_path: str, range_index: int, marker: str
 ) -> dict[str, Any]:
     """Fuse one range of level 0, then write its marker."""
+    from tilefusion.devices import claim_device
     from tilefusion.fuse import FusionOptions, fuse_range
-    from tilefusion.kernel import select_device
     from tilefusion.store import format_from_name
 
     config = load_config(config)
     plan = read_plan(plan_path)
     fusion = config["fusion"]
-    device = select_device(None if fusion["device"] == "auto" else fusion["device"])
-    log.info("range %d: device %s", range_index, device)
-    options = FusionOptions(
-        interpolation=fusion["interpolation"],
-        blending=fusion["blending"],
-        blend_range_zyx=fusion["blend_range"],
-        blend_border_zyx=fusion["blend_border"],
-        read_block_zyx=fusion["read_block"],
-        device=device,
-    )
-    result = fuse_range(
-        plan,
-        range_index,
-        store_path=config["output"]["path"],
-        ngff=format_from_name(config["output"]["format"]),
-        options=options,
-    )
+    # A GPU no other job holds (released when the range is done), else the CPU.
+    with claim_device(fusion["device"]) as device:
+        log.info("range %d: device %s", range_index, device)
+        options = FusionOptions(
+            interpolation=fusion["interpolation"],
+            blending=fusion["blending"],
+            blend_range_zyx=fusion["blend_range"],
+            blend_border_zyx=fusion["blend_border"],
+            read_block_zyx=fusion["read_block"],
+            device=device,
+        )
+        result = fuse_range(
+            plan,
+            range_index,
+            store_path=config["output"]["path"],
+            ngff=format_from_name(config["output"]["format"]),
+            options=options,
+        )
     result["device"] = device
     result["identity"] = plan.settings.get("identity")
     write_json(marker, result)
