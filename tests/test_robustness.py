@@ -83,19 +83,20 @@ def test_killed_fuse_job_reruns_alone_and_identically(demo_xml, tmp_path, clean_
         start_new_session=True,
     )
     markers = tmp_path / "results/tilefusion/markers/level0"
-    level0 = tmp_path / "fused.ome.zarr/0/c"
     killed_range = None
     deadline = time.monotonic() + 300
     try:
-        # Wait until some range has written part of its data but not its marker.
+        # Wait until a range's job is inside its fusion: it has logged its
+        # device but not yet its summary line, and has no marker.
         while time.monotonic() < deadline and killed_range is None:
-            logs = sorted((tmp_path / "logs/tilefusion/fuse").glob("range*.log"))
-            for log in logs:
+            for log in sorted((tmp_path / "logs/tilefusion/fuse").glob("range*.log")):
                 r = int(re.search(r"range(\d+)", log.name).group(1))
-                if r > 0 and not (markers / f"range{r}.json").exists() and level0.exists():
+                text = log.read_text()
+                busy = "device" in text and "objects" not in text
+                if r > 0 and busy and not (markers / f"range{r}.json").exists():
                     killed_range = r
                     break
-            time.sleep(0.02)
+            time.sleep(0.01)
         assert killed_range is not None, "no fuse job seen running"
     finally:
         # SIGKILL the whole run (snakemake and its job), like a lost node.
