@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -90,15 +93,54 @@ def tile_crop_bounds(
 
 
 class _TileCache:
-    """Open each tile's array once per job."""
+    """Open each tile's array once per job; serve crops from a shard's prefetch.
+
+    :meth:`prefetch` reads, per tile, the one crop a whole shard needs; a
+    chunk's crop inside it is then a slice of it (the same voxels a direct
+    read returns), so each tile region is decoded once per shard, not once
+    per chunk. Anything outside is read directly.
+    """
 
     def __init__(self) -> None:
         self._arrays: dict[str, TileArray] = {}
+        self._lock = threading.Lock()
 
     def get(self, tile: PlannedTile) -> TileArray:
-        if tile.name not in self._arrays:
-            self._arrays[tile.name] = open_array(tile.source)
-        return self._arrays[tile.name]
+        with self._lock:
+            if tile.name not in self._arrays:
+                self._arrays[tile.name] = open_array(tile.source)
+            return self._arrays[tile.name]
+
+    def prefetch(
+        self, plan: Plan, tile_ids: Sequence[int], lo: Shape3, hi: Shape3, limit: int
+    ) -> dict[str, tuple[Shape3, NDArray[Any]]]:
+        """Crops of the tiles for the box ``[lo, hi)``, each at most ``limit`` voxels."""
+        out: dict[str, tuple[Shape3, NDArray[Any]]] = {}
+        for i in tile_ids:
+            tile = plan.tiles[i]
+            found = tile_crop_bounds(tile, lo, hi)
+            if found is None:
+                continue
+            _, c_lo, c_hi = found
+            if math.prod(b - a for a, b in zip(c_lo, c_hi)) <= limit:
+                out[tile.name] = (c_lo, self.get(tile).read(c_lo, c_hi))
+        return out
+
+
+def _read_crop(
+    cache: _TileCache,
+    prefetched: dict[str, tuple[Shape3, NDArray[Any]]],
+    tile: PlannedTile,
+    lo: Shape3,
+    hi: Shape3,
+) -> NDArray[Any]:
+    held = prefetched.get(tile.name)
+    if held is not None:
+        origin, data = held
+        end = [o + n for o, n in zip(origin, data.shape)]
+        if all(o <= a and b <= e for o, a, b, e in zip(origin, lo, hi, end)):
+            return data[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin))]
+    return cache.get(tile).read(lo, hi)
 
 
 def _split(lo: Shape3, hi: Shape3) -> list[tuple[Shape3, Shape3]]:
@@ -119,6 +161,7 @@ def _fuse_box(
     options: FusionOptions,
     cache: _TileCache,
     used: set[str],
+    prefetched: dict[str, tuple[Shape3, NDArray[Any]]],
 ) -> NDArray[np.float32]:
     shape = tuple(b - a for a, b in zip(lo, hi))
     bounds = []
@@ -133,13 +176,13 @@ def _fuse_box(
     if too_big and max(shape) > 1:
         out = np.zeros(shape, dtype=np.float32)
         for sub_lo, sub_hi in _split(lo, hi):
-            part = _fuse_box(plan, tile_ids, sub_lo, sub_hi, options, cache, used)
+            part = _fuse_box(plan, tile_ids, sub_lo, sub_hi, options, cache, used, prefetched)
             sl = tuple(slice(a - b, c - b) for a, b, c in zip(sub_lo, lo, sub_hi))
             out[sl] = part
         return out
     crops = []
     for tile, out_to_tile, c_lo, c_hi in bounds:
-        data = cache.get(tile).read(c_lo, c_hi)
+        data = _read_crop(cache, prefetched, tile, c_lo, c_hi)
         used.add(tile.name)
         crops.append(
             TileCrop(
@@ -159,8 +202,65 @@ def _fuse_box(
         blend_range_zyx=options.blend_range_zyx,  # type: ignore[arg-type]
         blend_border_zyx=options.blend_border_zyx,  # type: ignore[arg-type]
         device=options.device,
-        threads=options.threads,
+        threads=1 if _on_cpu(options.device) else options.threads,
     )
+
+
+def _on_cpu(device: str | None) -> bool:
+    return device is None or str(device).strip().lower() == "cpu"
+
+
+def _workers(options: FusionOptions) -> int:
+    """Shards fused at once: one per CPU this process may use (or ``threads``)."""
+    if options.threads is not None:
+        return max(1, int(options.threads))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _fuse_shard(
+    plan: Plan,
+    shard: Shape3,
+    array: Any,
+    store_path: str,
+    ngff: NgffFormat,
+    options: FusionOptions,
+    cache: _TileCache,
+) -> tuple[dict[str, str | None], dict[str, float | int] | None, set[str], dict[str, float]]:
+    """Fuse, write and record one shard: the unit of work of the job's threads."""
+    level = plan.grid
+    used: set[str] = set()
+    timing = {"read": 0.0, "fuse": 0.0, "write": 0.0, "record": 0.0}
+    lo, hi = shard_box(level, shard)
+    boxes = list(chunks_of_box(level, lo, hi))
+    tiles_per_chunk = tiles_for_chunks(plan, boxes)
+    stats = None
+    if any(tiles_per_chunk):
+        t0 = time.perf_counter()
+        wanted = sorted({i for ids in tiles_per_chunk for i in ids})
+        limit = 8 * math.prod(options.read_block_zyx)
+        prefetched = cache.prefetch(plan, wanted, lo, hi, limit)
+        t1 = time.perf_counter()
+        timing["read"] += t1 - t0
+        buffer = np.zeros(tuple(b - a for a, b in zip(lo, hi)), dtype=array.dtype)
+        for (c_lo, c_hi), tile_ids in zip(boxes, tiles_per_chunk):
+            if not tile_ids:
+                continue
+            fused = _fuse_box(plan, tile_ids, c_lo, c_hi, options, cache, used, prefetched)
+            sl = tuple(slice(a - b, c - b) for a, b, c in zip(c_lo, lo, c_hi))
+            buffer[sl] = cast_to_dtype(fused, array.dtype)
+        del prefetched
+        t2 = time.perf_counter()
+        timing["fuse"] += t2 - t1
+        write_block(array, lo, buffer)
+        stats = block_stats(buffer)
+        timing["write"] += time.perf_counter() - t2
+    t3 = time.perf_counter()
+    objects = record_objects(store_path, 0, level, shard, ngff)
+    timing["record"] += time.perf_counter() - t3
+    return objects, stats, used, timing
 
 
 def fuse_range(
@@ -193,26 +293,28 @@ def fuse_range(
     start = time.perf_counter()
     level = plan.grid
     array = open_level(store_path, 0)
-    dtype = array.dtype
     cache = _TileCache()
     used: set[str] = set()
     objects: dict[str, str | None] = {}
     stats: list[dict[str, float | int]] = []
-    for shard in range_shards(level, range_index):
-        lo, hi = shard_box(level, shard)
-        boxes = list(chunks_of_box(level, lo, hi))
-        tiles_per_chunk = tiles_for_chunks(plan, boxes)
-        if any(tiles_per_chunk):
-            buffer = np.zeros(tuple(b - a for a, b in zip(lo, hi)), dtype=dtype)
-            for (c_lo, c_hi), tile_ids in zip(boxes, tiles_per_chunk):
-                if not tile_ids:
-                    continue
-                fused = _fuse_box(plan, tile_ids, c_lo, c_hi, options, cache, used)
-                sl = tuple(slice(a - b, c - b) for a, b, c in zip(c_lo, lo, c_hi))
-                buffer[sl] = cast_to_dtype(fused, dtype)
-            write_block(array, lo, buffer)
-            stats.append(block_stats(buffer))
-        objects.update(record_objects(store_path, 0, level, shard, ngff))
+    timing = {"read": 0.0, "fuse": 0.0, "write": 0.0, "record": 0.0}
+    shards = range_shards(level, range_index)
+    workers = min(_workers(options), len(shards)) if _on_cpu(options.device) else 1
+
+    def one(shard: Shape3) -> Any:
+        return _fuse_shard(plan, shard, array, store_path, ngff, options, cache)
+
+    # Shards are independent and each is computed the same way on any thread;
+    # results are merged in shard order, so the marker does not depend on
+    # the number of threads either.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for shard_objects, shard_stats, shard_used, shard_timing in pool.map(one, shards):
+            objects.update(shard_objects)
+            if shard_stats is not None:
+                stats.append(shard_stats)
+            used |= shard_used
+            for key, value in shard_timing.items():
+                timing[key] += value
     seconds = time.perf_counter() - start
     n_voxels = sum(
         math.prod(b - a for a, b in zip(*shard_box(level, s)))
@@ -225,4 +327,7 @@ def fuse_range(
         "tiles": sorted(used),
         "stats": dict(merge_stats(stats), voxels=n_voxels),
         "seconds": round(seconds, 3),
+        "threads": workers,
+        # Summed over threads: where the job's CPU time went.
+        "thread_seconds": {k: round(v, 3) for k, v in timing.items()},
     }

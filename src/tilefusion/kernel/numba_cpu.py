@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numba
 import numpy as np
 from numba import njit, prange
+from numpy.typing import NDArray
 
 from tilefusion.kernel._types import BLEND_CODES, INTERP_CODES, _TilePlan
 
@@ -165,6 +166,84 @@ def _nearest(
     return _tap(flat, (i0 * ny + i1) * nx + i2, 1.0)
 
 
+@njit(cache=True, inline="always", error_model="numpy")
+def _rows(
+    data: np.ndarray,
+    aff: np.ndarray,
+    offset: np.ndarray,
+    last: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    border: np.ndarray,
+    rng: np.ndarray,
+    z: int,
+    y0: int,
+    y1: int,
+    x0: int,
+    x1: int,
+    interp: int,
+    blend: int,
+    num: np.ndarray,
+    den: np.ndarray,
+) -> None:
+    """Accumulate one tile into the rows ``y0 .. y1 - 1`` of plane ``z``."""
+    flat = data.reshape(-1)
+    shape = data.shape
+    # An axis whose coordinate does not change along a row (a02 == 0, e.g. z
+    # under a rotation about z) has the same bounds test and cosine weight for
+    # the whole row: computed once, from the very same coordinate.
+    const0 = aff[0, 2] == 0.0
+    const1 = aff[1, 2] == 0.0
+    for y in range(y0, y1):
+        # Same evaluation order as the torch kernel, so coordinates match bit for bit.
+        b0 = (aff[0, 3] + aff[0, 0] * z) + aff[0, 1] * y
+        b1 = (aff[1, 3] + aff[1, 0] * z) + aff[1, 1] * y
+        b2 = (aff[2, 3] + aff[2, 0] * z) + aff[2, 1] * y
+        xs, xe = _x_range(b0, aff[0, 2], lo[0], hi[0], x0, x1)
+        xs, xe = _x_range(b1, aff[1, 2], lo[1], hi[1], xs, xe)
+        xs, xe = _x_range(b2, aff[2, 2], lo[2], hi[2], xs, xe)
+        w0_row = 1.0
+        if const0 and blend != _MAX:
+            w0_row = _axis_weight(b0 + aff[0, 2] * xs, last[0], border[0], rng[0])
+        w1_row = 1.0
+        if const1 and blend != _MAX:
+            w1_row = _axis_weight(b1 + aff[1, 2] * xs, last[1], border[1], rng[1])
+        for x in range(xs, xe):
+            c0 = b0 + aff[0, 2] * x
+            c1 = b1 + aff[1, 2] * x
+            c2 = b2 + aff[2, 2] * x
+            if c0 < lo[0] or c0 > hi[0] or c1 < lo[1] or c1 > hi[1]:
+                continue
+            if c2 < lo[2] or c2 > hi[2]:
+                continue
+            # Sample from coordinates clamped onto the tile: the tolerance
+            # must not reach a neighbour outside it.
+            s0 = min(max(c0, 0.0), last[0])
+            s1 = min(max(c1, 0.0), last[1])
+            s2 = min(max(c2, 0.0), last[2])
+            if interp == _LINEAR:
+                sw, swv = _trilinear(flat, shape, offset, s0, s1, s2)
+            else:
+                sw, swv = _nearest(flat, shape, offset, s0, s1, s2)
+            if sw <= 0.0:
+                continue
+            if blend == _MAX:
+                val = np.float32(swv / sw)
+                if den[z, y, x] == 0.0 or val > num[z, y, x]:
+                    num[z, y, x] = val
+                den[z, y, x] = 1.0
+                continue
+            wt = 1.0
+            if blend == _COSINE:
+                wt = w0_row if const0 else _axis_weight(c0, last[0], border[0], rng[0])
+                wt *= w1_row if const1 else _axis_weight(c1, last[1], border[1], rng[1])
+                wt *= _axis_weight(c2, last[2], border[2], rng[2])
+                if wt <= 0.0:
+                    continue
+            num[z, y, x] += np.float32(wt * swv)
+            den[z, y, x] += np.float32(wt * sw)
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def _accumulate(
     data: np.ndarray,
@@ -181,53 +260,139 @@ def _accumulate(
     num: np.ndarray,
     den: np.ndarray,
 ) -> None:
-    flat = data.reshape(-1)
-    shape = data.shape
     z0, z1, y0, y1, x0, x1 = box[0], box[1], box[2], box[3], box[4], box[5]
     for zi in prange(z1 - z0):
-        z = z0 + zi
-        for y in range(y0, y1):
-            # Same evaluation order as the torch kernel, so coordinates match bit for bit.
-            b0 = (aff[0, 3] + aff[0, 0] * z) + aff[0, 1] * y
-            b1 = (aff[1, 3] + aff[1, 0] * z) + aff[1, 1] * y
-            b2 = (aff[2, 3] + aff[2, 0] * z) + aff[2, 1] * y
-            xs, xe = _x_range(b0, aff[0, 2], lo[0], hi[0], x0, x1)
-            xs, xe = _x_range(b1, aff[1, 2], lo[1], hi[1], xs, xe)
-            xs, xe = _x_range(b2, aff[2, 2], lo[2], hi[2], xs, xe)
-            for x in range(xs, xe):
-                c0 = b0 + aff[0, 2] * x
-                c1 = b1 + aff[1, 2] * x
-                c2 = b2 + aff[2, 2] * x
-                if c0 < lo[0] or c0 > hi[0] or c1 < lo[1] or c1 > hi[1]:
-                    continue
-                if c2 < lo[2] or c2 > hi[2]:
-                    continue
-                # Sample from coordinates clamped onto the tile: the tolerance
-                # must not reach a neighbour outside it.
-                s0 = min(max(c0, 0.0), last[0])
-                s1 = min(max(c1, 0.0), last[1])
-                s2 = min(max(c2, 0.0), last[2])
-                if interp == _LINEAR:
-                    sw, swv = _trilinear(flat, shape, offset, s0, s1, s2)
-                else:
-                    sw, swv = _nearest(flat, shape, offset, s0, s1, s2)
-                if sw <= 0.0:
+        _rows(
+            data,
+            aff,
+            offset,
+            last,
+            lo,
+            hi,
+            border,
+            rng,
+            z0 + zi,
+            y0,
+            y1,
+            x0,
+            x1,
+            interp,
+            blend,
+            num,
+            den,
+        )
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _accumulate_serial(
+    data: np.ndarray,
+    aff: np.ndarray,
+    offset: np.ndarray,
+    last: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    border: np.ndarray,
+    rng: np.ndarray,
+    box: np.ndarray,
+    interp: int,
+    blend: int,
+    num: np.ndarray,
+    den: np.ndarray,
+) -> None:
+    """:func:`_accumulate` on the calling thread, without the GIL (for thread pools)."""
+    z0, z1, y0, y1, x0, x1 = box[0], box[1], box[2], box[3], box[4], box[5]
+    for z in range(z0, z1):
+        _rows(
+            data, aff, offset, last, lo, hi, border, rng, z, y0, y1, x0, x1, interp, blend, num, den
+        )
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _accumulate_shift(
+    data: np.ndarray,
+    shift: np.ndarray,
+    ranges: np.ndarray,
+    weights: np.ndarray,
+    blend: int,
+    num: np.ndarray,
+    den: np.ndarray,
+) -> None:
+    """A tile whose block-to-crop map is an integer shift: no interpolation.
+
+    Trilinear and nearest sampling at integer coordinates return the voxel
+    itself with interpolation weight 1, so this equals :func:`_accumulate`
+    bit for bit (integer data: no NaN or inf neighbours). ``ranges`` holds
+    the block voxels inside the tile per axis, ``weights`` (3, n) the
+    per-axis cosine weights of block index ``i`` (row ``a``, column ``i``).
+    """
+    for z in range(ranges[0, 0], ranges[0, 1]):
+        wz = weights[0, z]
+        for y in range(ranges[1, 0], ranges[1, 1]):
+            wzy = wz * weights[1, y]
+            for x in range(ranges[2, 0], ranges[2, 1]):
+                v = float(data[z + shift[0], y + shift[1], x + shift[2]])
+                if v == 0.0:
                     continue
                 if blend == _MAX:
-                    val = np.float32(swv / sw)
+                    val = np.float32(v)
                     if den[z, y, x] == 0.0 or val > num[z, y, x]:
                         num[z, y, x] = val
                     den[z, y, x] = 1.0
                     continue
-                wt = 1.0
-                if blend == _COSINE:
-                    wt = _axis_weight(c0, last[0], border[0], rng[0])
-                    wt *= _axis_weight(c1, last[1], border[1], rng[1])
-                    wt *= _axis_weight(c2, last[2], border[2], rng[2])
-                    if wt <= 0.0:
-                        continue
-                num[z, y, x] += np.float32(wt * swv)
-                den[z, y, x] += np.float32(wt * sw)
+                wt = wzy * weights[2, x]
+                if wt <= 0.0:
+                    continue
+                num[z, y, x] += np.float32(wt * v)
+                den[z, y, x] += np.float32(wt)
+
+
+@njit(cache=True, error_model="numpy")
+def _axis_weights(
+    start: float, n: int, last: float, border: float, rng: float, cosine: bool
+) -> np.ndarray:
+    out = np.ones(n)
+    if cosine:
+        for i in range(n):
+            out[i] = _axis_weight(start + i, last, border, rng)
+    return out
+
+
+def _integer_shift(p: _TilePlan) -> NDArray[np.int64] | None:
+    """Block-to-crop index shift when the tile needs no interpolation, else None.
+
+    That is: the block-to-tile map is the identity plus an integer
+    translation, and the data are integers (no NaN or inf to propagate).
+    """
+    if not np.issubdtype(p.data.dtype, np.integer):
+        return None
+    linear = p.affine[:, :3]
+    shift = p.affine[:, 3]
+    if not np.array_equal(linear, np.eye(3)) or not np.array_equal(shift, np.round(shift)):
+        return None
+    return shift.astype(np.int64) - p.offset
+
+
+def _shift_tile(
+    p: _TilePlan, shift: NDArray[np.int64], blend: int, num: np.ndarray, den: np.ndarray
+) -> None:
+    start = p.affine[:, 3]
+    block = num.shape
+    ranges = np.zeros((3, 2), dtype=np.int64)
+    weights = np.ones((3, max(block)))
+    for a in range(3):
+        # Block voxels i with lo <= start + i <= hi, inside the box.
+        first = max(math.ceil(p.lo[a] - start[a]), p.box[2 * a])
+        stop = min(math.floor(p.hi[a] - start[a]) + 1, p.box[2 * a + 1])
+        ranges[a] = (first, max(first, stop))
+        weights[a, : block[a]] = _axis_weights(
+            float(start[a]),
+            block[a],
+            float(p.last[a]),
+            float(p.border[a]),
+            float(p.blend_range[a]),
+            blend == _COSINE,
+        )
+    _accumulate_shift(p.data, shift, ranges, weights, blend, num, den)
 
 
 def fuse_numba(
@@ -238,22 +403,34 @@ def fuse_numba(
     blending: str,
     threads: int | None,
 ) -> np.ndarray:
-    """Fuse planned tiles into a float32 block (see :func:`tilefusion.kernel.fuse_block`)."""
+    """Fuse planned tiles into a float32 block (see :func:`tilefusion.kernel.fuse_block`).
+
+    ``threads=1`` runs on the calling thread without the GIL (safe to call
+    from several Python threads at once); otherwise rows are spread over
+    numba's threads. Tiles that are an integer shift of the block are copied
+    with their weights instead of interpolated (the same values).
+    """
     num = np.zeros(block, dtype=np.float32)
     den = np.zeros(block, dtype=np.float32)
     interp = INTERP_CODES[interpolation]
     blend = BLEND_CODES[blending]
+    serial = threads is not None and int(threads) == 1
     previous = numba.get_num_threads()
-    if threads is not None:
+    if threads is not None and not serial:
         limit = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
         numba.set_num_threads(max(1, min(int(threads), limit)))
     try:
         for p in plans:
+            shift = _integer_shift(p)
+            if shift is not None:
+                _shift_tile(p, shift, blend, num, den)
+                continue
             data = p.data
             if data.dtype == np.float16:
                 # numba has no float16 arithmetic.
                 data = data.astype(np.float32)
-            _accumulate(
+            kernel = _accumulate_serial if serial else _accumulate
+            kernel(
                 data,
                 p.affine,
                 p.offset,
@@ -269,7 +446,8 @@ def fuse_numba(
                 den,
             )
     finally:
-        numba.set_num_threads(previous)
+        if not serial:
+            numba.set_num_threads(previous)
     return finish(num, den, blend=blend)
 
 
