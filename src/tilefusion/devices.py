@@ -96,12 +96,22 @@ def gpus_assigned() -> str | None:
     return None
 
 
+def _nvidia_driver_present() -> bool:
+    """Whether an NVIDIA kernel driver is loaded (Linux); True where we cannot tell."""
+    if not Path("/proc").is_dir():
+        return True
+    return Path("/proc/driver/nvidia").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
+
+
 def visible_gpus() -> list[str] | None:
     """One identity per visible CUDA device, in index order; ``None`` without CUDA.
 
     The identity is the device's UUID when torch reports it, else the host
     and the entry of ``CUDA_VISIBLE_DEVICES`` (or the index).
     """
+    if not _nvidia_driver_present():
+        # Importing torch costs a second per job; without the driver there is no CUDA.
+        return None
     try:
         import torch
     except ImportError:

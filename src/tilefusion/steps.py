@@ -228,9 +228,17 @@ def marker_path(markers_dir: str | Path, level: int, range_index: int) -> Path:
 
 
 def fuse(
-    config: Mapping[str, Any], *, plan_path: str, range_index: int, marker: str
+    config: Mapping[str, Any],
+    *,
+    plan_path: str,
+    range_index: int,
+    marker: str,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Fuse one range of level 0, then write its marker."""
+    """Fuse one range of level 0, then write its marker.
+
+    ``threads`` caps the CPU threads of the job (default: every CPU it may use).
+    """
     from tilefusion.devices import claim_device
     from tilefusion.fuse import FusionOptions, fuse_range
     from tilefusion.store import format_from_name
@@ -248,6 +256,7 @@ def fuse(
             blend_border_zyx=fusion["blend_border"],
             read_block_zyx=fusion["read_block"],
             device=device,
+            threads=threads,
         )
         result = fuse_range(
             plan,

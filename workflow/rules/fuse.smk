@@ -24,6 +24,7 @@ rule fuse:
         "benchmarks/tilefusion/fuse/range{range}.tsv"
     conda:
         "../../envs/tilefusion.yaml"
+    threads: 4
     resources:
         mem_mb=get_fuse_mem_mb,
         runtime=get_fuse_runtime,

@@ -7,4 +7,5 @@ run_logged(
     plan_path=snakemake.input.plan,
     range_index=int(snakemake.wildcards.range),
     marker=snakemake.output.marker,
+    threads=snakemake.threads,
 )
