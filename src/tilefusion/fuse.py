@@ -202,7 +202,10 @@ def _fuse_box(
         blend_range_zyx=options.blend_range_zyx,  # type: ignore[arg-type]
         blend_border_zyx=options.blend_border_zyx,  # type: ignore[arg-type]
         device=options.device,
-        threads=1 if _on_cpu(options.device) else options.threads,
+        # One thread per call on the CPU: the job's threads work on different
+        # shards. On a GPU the threads overlap tile reads and shard writes with
+        # the kernel, and torch's CPU thread setting is left alone.
+        threads=1 if _on_cpu(options.device) else None,
     )
 
 
@@ -299,7 +302,7 @@ def fuse_range(
     stats: list[dict[str, float | int]] = []
     timing = {"read": 0.0, "fuse": 0.0, "write": 0.0, "record": 0.0}
     shards = range_shards(level, range_index)
-    workers = min(_workers(options), len(shards)) if _on_cpu(options.device) else 1
+    workers = min(_workers(options), len(shards))
 
     def one(shard: Shape3) -> Any:
         return _fuse_shard(plan, shard, array, store_path, ngff, options, cache)
