@@ -335,7 +335,7 @@ def worker_mvs(grid: dict[str, Any], xml: str, target: str, threads: int) -> dic
 def worker_plan_scale(tiles_per_axis: int) -> dict[str, Any]:
     """Plan 10,000 tiles (100 x 100) into about a million chunks."""
     from tilefusion import geometry
-    from tilefusion.plan import make_plan, range_chunks, tiles_for_chunks
+    from tilefusion.plan import chunk_tile_pairs, make_plan
     from tilefusion.readers.base import ArraySource, Dataset, View
 
     shape = (64, 512, 512)
@@ -366,9 +366,8 @@ def worker_plan_scale(tiles_per_axis: int) -> dict[str, Any]:
     level = plan.grid
     n_chunks = math.prod(math.ceil(s / c) for s, c in zip(level.shape_zyx, level.chunks_zyx))
     start = time.perf_counter()
-    hits = 0
-    for r in range(level.n_ranges):
-        hits += sum(len(t) > 0 for t in tiles_for_chunks(plan, range_chunks(level, r)))
+    pairs = chunk_tile_pairs(plan)
+    hits = len(np.unique(pairs[:, 1:4], axis=0))
     return {
         "tiles": len(views),
         "chunks": n_chunks,

@@ -231,6 +231,7 @@ def _fuse_shard(
     ngff: NgffFormat,
     options: FusionOptions,
     cache: _TileCache,
+    candidates: Sequence[int],
 ) -> tuple[dict[str, str | None], dict[str, float | int] | None, set[str], dict[str, float]]:
     """Fuse, write and record one shard: the unit of work of the job's threads."""
     level = plan.grid
@@ -238,7 +239,8 @@ def _fuse_shard(
     timing = {"read": 0.0, "fuse": 0.0, "write": 0.0, "record": 0.0}
     lo, hi = shard_box(level, shard)
     boxes = list(chunks_of_box(level, lo, hi))
-    tiles_per_chunk = tiles_for_chunks(plan, boxes)
+    (near,) = tiles_for_chunks(plan, [(lo, hi)], candidates=candidates)
+    tiles_per_chunk = tiles_for_chunks(plan, boxes, candidates=near)
     stats = None
     if any(tiles_per_chunk):
         t0 = time.perf_counter()
@@ -302,10 +304,14 @@ def fuse_range(
     stats: list[dict[str, float | int]] = []
     timing = {"read": 0.0, "fuse": 0.0, "write": 0.0, "record": 0.0}
     shards = range_shards(level, range_index)
+    boxes = [shard_box(level, s) for s in shards]
+    range_lo = tuple(int(v) for v in np.min([b[0] for b in boxes], axis=0))
+    range_hi = tuple(int(v) for v in np.max([b[1] for b in boxes], axis=0))
+    (candidates,) = tiles_for_chunks(plan, [(range_lo, range_hi)])  # type: ignore[list-item]
     workers = min(_workers(options), len(shards))
 
     def one(shard: Shape3) -> Any:
-        return _fuse_shard(plan, shard, array, store_path, ngff, options, cache)
+        return _fuse_shard(plan, shard, array, store_path, ngff, options, cache, candidates)
 
     # Shards are independent and each is computed the same way on any thread;
     # results are merged in shard order, so the marker does not depend on

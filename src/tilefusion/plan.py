@@ -485,12 +485,22 @@ def range_chunks(level: Level, range_index: int) -> list[tuple[Shape3, Shape3]]:
     return out
 
 
-def tiles_for_chunks(plan: Plan, chunk_boxes: Sequence[tuple[Shape3, Shape3]]) -> list[list[int]]:
-    """Indices (into ``plan.tiles``) of the tiles whose box meets each chunk."""
-    if not chunk_boxes or not plan.tiles:
+def tiles_for_chunks(
+    plan: Plan,
+    chunk_boxes: Sequence[tuple[Shape3, Shape3]],
+    *,
+    candidates: Sequence[int] | None = None,
+) -> list[list[int]]:
+    """Indices (into ``plan.tiles``) of the tiles whose box meets each chunk.
+
+    ``candidates`` restricts the search to some tiles (those that meet a
+    shard, say), so a job of a 10,000-tile plan does not test them all.
+    """
+    ids = np.arange(len(plan.tiles)) if candidates is None else np.asarray(candidates, dtype=int)
+    if not chunk_boxes or not len(ids):
         return [[] for _ in chunk_boxes]
-    tile_lo = np.array([t.box_lo for t in plan.tiles])
-    tile_hi = np.array([t.box_hi for t in plan.tiles])
+    tile_lo = np.array([plan.tiles[i].box_lo for i in ids])
+    tile_hi = np.array([plan.tiles[i].box_hi for i in ids])
     chunk_lo = np.array([b[0] for b in chunk_boxes], dtype=np.float64)
     # voxel centres of a chunk run from lo to hi - 1
     chunk_hi = np.array([b[1] for b in chunk_boxes], dtype=np.float64) - 1.0
@@ -498,7 +508,7 @@ def tiles_for_chunks(plan: Plan, chunk_boxes: Sequence[tuple[Shape3, Shape3]]) -
         (tile_lo[None, :, :] <= chunk_hi[:, None, :]) & (chunk_lo[:, None, :] <= tile_hi[None]),
         axis=2,
     )
-    return [np.flatnonzero(row).tolist() for row in hits]
+    return [ids[np.flatnonzero(row)].tolist() for row in hits]
 
 
 def chunk_tile_pairs(plan: Plan) -> NDArray[np.int64]:
