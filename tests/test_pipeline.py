@@ -139,3 +139,27 @@ def test_existing_output_is_never_overwritten_silently(demo_xml, tmp_path):
 def test_integer_output_is_rounded_and_clipped():
     block = np.array([-3.0, 0.4, 0.5, 1.5, 2.5, 65535.4, 70000.0], dtype=np.float32)
     assert cast_to_dtype(block, np.dtype("uint16")).tolist() == [0, 0, 0, 2, 2, 65535, 65535]
+
+
+def test_an_object_that_does_not_decode_is_found(demo_xml, tmp_path):
+    config = _config(demo_xml, tmp_path)
+    run_pipeline(config, tmp_path)
+    markers = tmp_path / "results/tilefusion/markers"
+    marker_file = markers / "level0/range0.json"
+    marker = json.loads(marker_file.read_text())
+    key = next(k for k, v in marker["objects"].items() if v)
+    path = tmp_path / "fused.ome.zarr" / key
+    path.write_bytes(b"not zstd at all")
+    # a marker that agrees with the broken bytes: only decoding finds it
+    marker["objects"][key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    marker_file.write_text(json.dumps(marker))
+    with pytest.raises(InputError, match="problem"):
+        steps.validate(
+            config,
+            plan_path=str(tmp_path / "results/tilefusion/plan.json"),
+            markers_dir=str(markers),
+            report_path=str(tmp_path / "report.json"),
+            decode_all=True,
+        )
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert any("does not decode" in p and key in p for p in report["problems"])

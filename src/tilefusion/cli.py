@@ -91,6 +91,7 @@ def _cmd_validate(args: argparse.Namespace) -> None:
         plan_path=args.plan,
         markers_dir=args.markers_dir,
         report_path=args.report,
+        decode_all=args.decode_all,
     )
     print(json.dumps({"ok": report["ok"], "levels": report["levels"]}))
 
@@ -147,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--markers-dir", required=True)
     p.add_argument("--report", required=True)
+    p.add_argument("--decode-all", action="store_true", help="decode every object, not one per job")
     p.set_defaults(func=_cmd_validate)
     return parser
 

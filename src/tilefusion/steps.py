@@ -346,6 +346,7 @@ def validate(
     markers_dir: str,
     report_path: str,
     target: str = "",
+    decode_all: bool = False,
 ) -> dict[str, Any]:
     """Check the output against every marker and the NGFF metadata; write the report.
 
@@ -370,6 +371,7 @@ def validate(
         store_path=config["output"]["path"],
         ngff=format_from_name(config["output"]["format"]),
         markers=markers,
+        decode_all=decode_all,
     )
     if report["bad_ranges"]:
         report["rerun"] = rerun_command(
