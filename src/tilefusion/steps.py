@@ -23,7 +23,6 @@ from tilefusion.readers.base import Dataset
 
 __all__ = [
     "assemble",
-    "check_before_run",
     "check_output_path",
     "downsample",
     "fuse",
@@ -31,6 +30,7 @@ __all__ = [
     "fuse_runtime_min",
     "load_dataset",
     "marker_path",
+    "plan_for_run",
     "plan_from_config",
     "plan_settings_digest",
     "prepare",
@@ -176,15 +176,19 @@ def _output_dtype(config: Mapping[str, Any], plan: Plan) -> str:
     return declared.pop()
 
 
-def check_before_run(config: Mapping[str, Any]) -> None:
-    """Everything checked before any job starts: tiles against metadata, the output.
+def plan_for_run(config: Mapping[str, Any], *, main_process: bool = True) -> Plan:
+    """The plan a workflow run is built on, after everything checked before any job.
 
-    Tiles are opened (metadata only) when the dataset exists; a demo that is
-    still to be generated is checked by the plan step.
+    The main process also opens the tiles (metadata only) against the
+    dataset's metadata, when the dataset exists (a demo still to be generated
+    is checked by the plan step), and checks the output path. Job processes
+    only need the plan's shape of ranges.
     """
-    if Path(config["dataset"]).exists():
-        load_dataset(config, metadata_only=False)
-    check_output_path(config)
+    opens_tiles = main_process and Path(config["dataset"]).exists()
+    plan = plan_from_config(config, metadata_only=not opens_tiles)
+    if main_process:
+        check_output_path(config)
+    return plan
 
 
 def check_output_path(config: Mapping[str, Any]) -> None:

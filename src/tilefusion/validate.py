@@ -104,7 +104,7 @@ def _schema_problems(store_path: Path, ngff: NgffFormat) -> list[str]:
     return []
 
 
-def _decodes(array: zarr.Array, key: str, level_chunks: Sequence[int]) -> bool:
+def _decodes(array: zarr.Array, key: str) -> bool:
     """Whether the object at ``key`` (relative to the level) decodes."""
     parts = [int(p) for p in key.split("/") if p.isdigit()]
     step = array.shards or array.chunks
@@ -176,7 +176,7 @@ def validate_output(
                         str(store_path / str(level_index)), mode="r"
                     )
                 relative = key.split("/", 1)[1]
-                if not _decodes(arrays[level_index], relative, plan.levels[level_index].chunks_zyx):
+                if not _decodes(arrays[level_index], relative):
                     where = f"level {level_index} range {range_index}"
                     problems.append(f"{store_path / key}: does not decode ({where})")
                     bad.add((level_index, range_index))

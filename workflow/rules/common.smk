@@ -20,9 +20,7 @@ MARKERS = f"{RESULTS}/markers"
 # checked once, by the main process, not again inside every job.
 try:
     config.update(load_config(config, source="config"))
-    PLAN = steps.plan_from_config(config)
-    if workflow.is_main_process:
-        steps.check_before_run(config)
+    PLAN = steps.plan_for_run(config, main_process=workflow.is_main_process)
 except InputError as error:
     sys.exit(f"tilefusion: error: {error}")
 
