@@ -32,6 +32,9 @@ def select_device(preferred: str | None = None) -> str:
     Asking for CUDA where there is none warns and returns ``"cpu"``. See
     :func:`tilefusion.kernel.torch_kernel.select_device`.
     """
+    if preferred is not None and str(preferred).strip().lower() == "cpu":
+        # Importing torch costs about a second per fuse job; the CPU needs no torch.
+        return "cpu"
     from tilefusion.kernel.torch_kernel import select_device as _select
 
     return _select(preferred)
