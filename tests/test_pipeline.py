@@ -13,7 +13,7 @@ from tilefusion import steps
 from tilefusion.config import load_config
 from tilefusion.demo import ground_truth
 from tilefusion.errors import InputError
-from tilefusion.store import cast_to_dtype
+from tilefusion.writer import cast_to_dtype
 
 
 def _config(demo_xml, workdir, **output):

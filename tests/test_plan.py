@@ -137,7 +137,6 @@ def test_one_bright_voxel_lands_on_its_index(tmp_path):
         plan,
         0,
         store_path=str(tmp_path / "out.zarr"),
-        ngff=FormatV05(),
         options=FusionOptions(interpolation="linear", blending="mean"),
     )
     import zarr

@@ -33,8 +33,8 @@ from tilefusion.plan import (
 )
 from tilefusion.readers import open_array
 from tilefusion.readers.arrays import TileArray
-from tilefusion.store import NgffFormat, cast_to_dtype, open_level, record_objects, write_block
 from tilefusion.validate import block_stats, merge_stats
+from tilefusion.writer import LevelWriter, cast_to_dtype
 
 __all__ = ["FusionOptions", "fuse_range", "tile_crop_bounds"]
 
@@ -226,9 +226,7 @@ def _workers(options: FusionOptions) -> int:
 def _fuse_shard(
     plan: Plan,
     shard: Shape3,
-    array: Any,
-    store_path: str,
-    ngff: NgffFormat,
+    writer: LevelWriter,
     options: FusionOptions,
     cache: _TileCache,
     candidates: Sequence[int],
@@ -236,12 +234,13 @@ def _fuse_shard(
     """Fuse, write and record one shard: the unit of work of the job's threads."""
     level = plan.grid
     used: set[str] = set()
-    timing = {"read": 0.0, "fuse": 0.0, "write": 0.0, "record": 0.0}
+    timing = {"read": 0.0, "fuse": 0.0, "write": 0.0}
     lo, hi = shard_box(level, shard)
     boxes = list(chunks_of_box(level, lo, hi))
     (near,) = tiles_for_chunks(plan, [(lo, hi)], candidates=candidates)
     tiles_per_chunk = tiles_for_chunks(plan, boxes, candidates=near)
     stats = None
+    buffer = None
     if any(tiles_per_chunk):
         t0 = time.perf_counter()
         wanted = sorted({i for ids in tiles_per_chunk for i in ids})
@@ -249,22 +248,20 @@ def _fuse_shard(
         prefetched = cache.prefetch(plan, wanted, lo, hi, limit)
         t1 = time.perf_counter()
         timing["read"] += t1 - t0
-        buffer = np.zeros(tuple(b - a for a, b in zip(lo, hi)), dtype=array.dtype)
+        buffer = np.zeros(tuple(b - a for a, b in zip(lo, hi)), dtype=writer.dtype)
         for (c_lo, c_hi), tile_ids in zip(boxes, tiles_per_chunk):
             if not tile_ids:
                 continue
             fused = _fuse_box(plan, tile_ids, c_lo, c_hi, options, cache, used, prefetched)
             sl = tuple(slice(a - b, c - b) for a, b, c in zip(c_lo, lo, c_hi))
-            buffer[sl] = cast_to_dtype(fused, array.dtype)
+            buffer[sl] = cast_to_dtype(fused, writer.dtype)
         del prefetched
-        t2 = time.perf_counter()
-        timing["fuse"] += t2 - t1
-        write_block(array, lo, buffer)
         stats = block_stats(buffer)
-        timing["write"] += time.perf_counter() - t2
+        timing["fuse"] += time.perf_counter() - t1
     t3 = time.perf_counter()
-    objects = record_objects(store_path, 0, level, shard, ngff)
-    timing["record"] += time.perf_counter() - t3
+    # A shard nothing touches is still written: that removes a stale object.
+    objects = writer.write(shard, buffer)
+    timing["write"] += time.perf_counter() - t3
     return objects, stats, used, timing
 
 
@@ -273,7 +270,6 @@ def fuse_range(
     range_index: int,
     *,
     store_path: str,
-    ngff: NgffFormat,
     options: FusionOptions,
 ) -> dict[str, Any]:
     """Fuse one range of level 0 and write its stored objects.
@@ -285,7 +281,6 @@ def fuse_range(
         Which range (0 .. ``plan.grid.n_ranges - 1``).
     store_path : str
         The output group, prepared by :func:`tilefusion.store.prepare_store`.
-    ngff : NgffFormat
     options : FusionOptions
 
     Returns
@@ -297,12 +292,12 @@ def fuse_range(
     """
     start = time.perf_counter()
     level = plan.grid
-    array = open_level(store_path, 0)
+    writer = LevelWriter(store_path, 0, level)
     cache = _TileCache()
     used: set[str] = set()
     objects: dict[str, str | None] = {}
     stats: list[dict[str, float | int]] = []
-    timing = {"read": 0.0, "fuse": 0.0, "write": 0.0, "record": 0.0}
+    timing = {"read": 0.0, "fuse": 0.0, "write": 0.0}
     shards = range_shards(level, range_index)
     boxes = [shard_box(level, s) for s in shards]
     range_lo = tuple(int(v) for v in np.min([b[0] for b in boxes], axis=0))
@@ -311,7 +306,7 @@ def fuse_range(
     workers = min(_workers(options), len(shards))
 
     def one(shard: Shape3) -> Any:
-        return _fuse_shard(plan, shard, array, store_path, ngff, options, cache, candidates)
+        return _fuse_shard(plan, shard, writer, options, cache, candidates)
 
     # Shards are independent and each is computed the same way on any thread;
     # results are merged in shard order, so the marker does not depend on

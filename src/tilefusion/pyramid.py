@@ -15,8 +15,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from tilefusion.plan import Plan, range_shards, shard_box
-from tilefusion.store import NgffFormat, cast_to_dtype, open_level, record_objects, write_block
+from tilefusion.store import open_level
 from tilefusion.validate import block_stats, merge_stats
+from tilefusion.writer import LevelWriter, cast_to_dtype
 
 __all__ = ["downsample_mean", "downsample_range"]
 
@@ -44,7 +45,6 @@ def downsample_range(
     range_index: int,
     *,
     store_path: str,
-    ngff: NgffFormat,
 ) -> dict[str, Any]:
     """Compute one range of pyramid level ``level_index`` from the level below.
 
@@ -57,7 +57,7 @@ def downsample_range(
         raise IndexError(f"level {level_index} not in 1..{len(plan.levels) - 1}")
     level = plan.levels[level_index]
     source = open_level(store_path, level_index - 1, mode="r")
-    target = open_level(store_path, level_index)
+    writer = LevelWriter(store_path, level_index, level)
     factor = level.factor_zyx
     objects: dict[str, str | None] = {}
     stats = []
@@ -68,11 +68,10 @@ def downsample_range(
         block = source[src_lo[0] : src_hi[0], src_lo[1] : src_hi[1], src_lo[2] : src_hi[2]]
         reduced = downsample_mean(np.asarray(block), factor)
         reduced = reduced[: hi[0] - lo[0], : hi[1] - lo[1], : hi[2] - lo[2]]
-        # Written even when empty: zarr then drops a stale object left by an earlier run.
-        stored = cast_to_dtype(reduced, target.dtype)
-        write_block(target, lo, stored)
+        # Written even when empty: the writer then drops a stale object of an earlier run.
+        stored = cast_to_dtype(reduced, writer.dtype)
+        objects.update(writer.write(shard, stored))
         stats.append(block_stats(stored))
-        objects.update(record_objects(store_path, level_index, level, shard, ngff))
     return {
         "level": level_index,
         "range": range_index,

@@ -245,7 +245,6 @@ def fuse(
     """
     from tilefusion.devices import claim_device
     from tilefusion.fuse import FusionOptions, fuse_range
-    from tilefusion.store import format_from_name
 
     config = load_config(config)
     plan = read_plan(plan_path)
@@ -266,7 +265,6 @@ def fuse(
             plan,
             range_index,
             store_path=config["output"]["path"],
-            ngff=format_from_name(config["output"]["format"]),
             options=options,
         )
     result["device"] = device
@@ -289,7 +287,6 @@ def downsample(
 ) -> dict[str, Any]:
     """Build one range of one pyramid level from the level below."""
     from tilefusion.pyramid import downsample_range
-    from tilefusion.store import format_from_name
 
     config = load_config(config)
     plan = read_plan(plan_path)
@@ -298,7 +295,6 @@ def downsample(
         level,
         range_index,
         store_path=config["output"]["path"],
-        ngff=format_from_name(config["output"]["format"]),
     )
     result["identity"] = plan.settings.get("identity")
     write_json(marker, result)

@@ -1,7 +1,7 @@
 """The output store: Zarr arrays (pixels) and OME-NGFF metadata, kept apart.
 
 Pixels are written by the fuse and downsample jobs through
-:func:`write_block`; the OME-NGFF ``multiscales`` and ``omero`` metadata is
+:class:`tilefusion.writer.LevelWriter`; the OME-NGFF ``multiscales`` and ``omero`` metadata is
 written once, by :func:`write_ngff_metadata`, after every pixel job succeeded.
 The NGFF version is an object (:class:`NgffFormat`), not a string compared
 in branches.
@@ -9,35 +9,25 @@ in branches.
 
 from __future__ import annotations
 
-import hashlib
-import math
-import os
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import zarr
-from numpy.typing import NDArray
 
 from tilefusion.errors import InputError
-from tilefusion.plan import Level, Plan, Shape3
+from tilefusion.plan import Plan
 
 __all__ = [
     "FormatV04",
     "FormatV05",
     "NgffFormat",
-    "cast_to_dtype",
     "check_owner",
     "format_from_name",
-    "object_digest",
     "open_level",
     "prepare_store",
-    "record_objects",
-    "stored_object_path",
-    "write_block",
     "write_ngff_metadata",
 ]
 
@@ -269,65 +259,6 @@ def prepare_store(
 def open_level(path: str | Path, level: int, *, mode: str = "r+") -> zarr.Array:
     """Open one level's array."""
     return zarr.open_array(str(Path(path) / str(level)), mode=mode)
-
-
-def cast_to_dtype(block: NDArray[np.floating[Any]], dtype: np.dtype[Any]) -> NDArray[Any]:
-    """Round and clip a float block to ``dtype`` (floats pass through)."""
-    if np.issubdtype(dtype, np.floating):
-        return block.astype(dtype)
-    info = np.iinfo(dtype)
-    rounded = np.rint(block)
-    np.clip(rounded, info.min, info.max, out=rounded)
-    return rounded.astype(dtype)
-
-
-def write_block(array: zarr.Array, lo: Shape3, data: NDArray[Any]) -> None:
-    """Write a block whose bounds are whole stored objects."""
-    hi = [a + s for a, s in zip(lo, data.shape)]
-    array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = data
-
-
-def stored_object_path(
-    root: str | Path, level: int, ngff: NgffFormat, index: Sequence[int]
-) -> Path:
-    """File path of one stored object (chunk for 0.4, shard for 0.5)."""
-    return Path(root) / str(level) / ngff.chunk_key(index)
-
-
-def record_objects(
-    root: str | Path, level_index: int, level: Level, shard: Shape3, ngff: NgffFormat
-) -> dict[str, str | None]:
-    """Keys and SHA-256 of the stored objects one shard of a level owns.
-
-    The files are synced to disk first; an object that zarr did not store
-    (all of it empty) is recorded as None, so validation can tell a lost
-    object from one that was never there.
-    """
-    if ngff.sharding:
-        indices: list[tuple[int, ...]] = [tuple(shard)]
-    else:
-        per_shard = [s // c for s, c in zip(level.shards_zyx, level.chunks_zyx)]
-        grid = [math.ceil(n / c) for n, c in zip(level.shape_zyx, level.chunks_zyx)]
-        ranges = [range(i * k, min((i + 1) * k, g)) for i, k, g in zip(shard, per_shard, grid)]
-        indices = [(z, y, x) for z in ranges[0] for y in ranges[1] for x in ranges[2]]
-    return {
-        f"{level_index}/{ngff.chunk_key(index)}": object_digest(
-            stored_object_path(root, level_index, ngff, index), sync=True
-        )
-        for index in indices
-    }
-
-
-def object_digest(path: Path, *, sync: bool = False) -> str | None:
-    """SHA-256 of a stored object's bytes, or None when it does not exist."""
-    try:
-        with path.open("rb") as handle:
-            digest = hashlib.sha256(handle.read()).hexdigest()
-            if sync:
-                os.fsync(handle.fileno())
-    except FileNotFoundError:
-        return None
-    return digest
 
 
 def write_ngff_metadata(

@@ -21,7 +21,8 @@ import zarr
 from numpy.typing import NDArray
 
 from tilefusion.plan import Plan
-from tilefusion.store import NgffFormat, object_digest
+from tilefusion.store import NgffFormat
+from tilefusion.writer import object_digest
 
 __all__ = ["block_stats", "merge_stats", "validate_output"]
 
