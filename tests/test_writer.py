@@ -132,5 +132,5 @@ def test_a_layout_it_cannot_encode_is_refused(tmp_path):
         dtype="uint16",
         filters=[zarr.codecs.TransposeCodec(order=(2, 1, 0))],
     )
-    with pytest.raises(UnsupportedLayout, match="zarr.json"):
+    with pytest.raises(UnsupportedLayout, match=r"zarr\.json"):
         LevelWriter(path, 0, plan.grid)

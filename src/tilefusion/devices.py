@@ -96,7 +96,7 @@ def gpus_assigned() -> str | None:
     return None
 
 
-def _nvidia_driver_present() -> bool:
+def nvidia_driver_present() -> bool:
     """Whether an NVIDIA kernel driver is loaded (Linux); True where we cannot tell."""
     if not Path("/proc").is_dir():
         return True
@@ -109,7 +109,7 @@ def visible_gpus() -> list[str] | None:
     The identity is the device's UUID when torch reports it, else the host
     and the entry of ``CUDA_VISIBLE_DEVICES`` (or the index).
     """
-    if not _nvidia_driver_present():
+    if not nvidia_driver_present():
         # Importing torch costs a second per job; without the driver there is no CUDA.
         return None
     try:

@@ -34,7 +34,7 @@ from tilefusion.plan import (
 from tilefusion.readers import open_array
 from tilefusion.readers.arrays import TileArray
 from tilefusion.validate import block_stats, merge_stats
-from tilefusion.writer import LevelWriter, cast_to_dtype
+from tilefusion.writer import LevelWriter, cast_into
 
 __all__ = ["FusionOptions", "fuse_range", "tile_crop_bounds"]
 
@@ -254,7 +254,7 @@ def _fuse_shard(
                 continue
             fused = _fuse_box(plan, tile_ids, c_lo, c_hi, options, cache, used, prefetched)
             sl = tuple(slice(a - b, c - b) for a, b, c in zip(c_lo, lo, c_hi))
-            buffer[sl] = cast_to_dtype(fused, writer.dtype)
+            cast_into(fused, buffer[sl])
         del prefetched
         stats = block_stats(buffer)
         timing["fuse"] += time.perf_counter() - t1

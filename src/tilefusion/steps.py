@@ -243,12 +243,15 @@ def fuse(
 
     ``threads`` caps the CPU threads of the job (default: every CPU it may use).
     """
-    from tilefusion.devices import claim_device
+    from tilefusion.devices import claim_device, nvidia_driver_present
     from tilefusion.fuse import FusionOptions, fuse_range
+    from tilefusion.kernel import warm_up_in_background
 
     config = load_config(config)
-    plan = read_plan(plan_path)
     fusion = config["fusion"]
+    if fusion["device"] == "cpu" or not nvidia_driver_present():
+        warm_up_in_background()
+    plan = read_plan(plan_path)
     # A GPU no other job holds (released when the range is done), else the CPU.
     with claim_device(fusion["device"]) as device:
         log.info("range %d: device %s", range_index, device)

@@ -28,7 +28,7 @@ from numpy.typing import NDArray
 
 from tilefusion.plan import Level, Shape3
 
-__all__ = ["LevelWriter", "UnsupportedLayout", "cast_to_dtype", "object_digest"]
+__all__ = ["LevelWriter", "UnsupportedLayout", "cast_into", "cast_to_dtype", "object_digest"]
 
 _EMPTY = np.uint64(2**64 - 1)
 
@@ -39,12 +39,18 @@ class UnsupportedLayout(ValueError):
 
 def cast_to_dtype(block: NDArray[np.floating[Any]], dtype: np.dtype[Any]) -> NDArray[Any]:
     """Round and clip a float block to ``dtype`` (floats pass through)."""
-    if np.issubdtype(dtype, np.floating):
-        return block.astype(dtype)
-    info = np.iinfo(dtype)
-    rounded = np.rint(block)
-    np.clip(rounded, info.min, info.max, out=rounded)
-    return rounded.astype(dtype)
+    out = np.empty(block.shape, dtype=dtype)
+    cast_into(block.copy(), out)
+    return out
+
+
+def cast_into(block: NDArray[np.floating[Any]], out: NDArray[Any]) -> None:
+    """:func:`cast_to_dtype` into ``out``, using ``block`` as scratch (it is overwritten)."""
+    if np.issubdtype(out.dtype, np.integer):
+        info = np.iinfo(out.dtype)
+        np.rint(block, out=block)
+        np.clip(block, info.min, info.max, out=block)
+    np.copyto(out, block, casting="unsafe")
 
 
 def object_digest(path: Path) -> str | None:

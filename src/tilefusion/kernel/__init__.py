@@ -7,6 +7,8 @@ torch (CPU or CUDA). torch is imported only when it is used.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Sequence
 from typing import Literal
 
@@ -22,7 +24,9 @@ from tilefusion.kernel._types import (
     plan_tiles,
 )
 
-__all__ = ["TileCrop", "fuse_block", "select_device"]
+__all__ = ["TileCrop", "fuse_block", "select_device", "warm_up_in_background"]
+
+log = logging.getLogger(__name__)
 
 
 def select_device(preferred: str | None = None) -> str:
@@ -38,6 +42,27 @@ def select_device(preferred: str | None = None) -> str:
     from tilefusion.kernel.torch_kernel import select_device as _select
 
     return _select(preferred)
+
+
+def warm_up_in_background(dtype: str = "uint16") -> threading.Thread:
+    """Load the numba kernel for ``dtype`` tiles on a daemon thread.
+
+    numba's first call in a process loads its compiled code and type
+    registries (about 0.4 s); a fuse job overlaps that with reading its plan
+    and first tiles instead of stalling every thread on it.
+    """
+
+    def load() -> None:
+        from tilefusion.kernel.numba_cpu import warm_up
+
+        try:
+            warm_up(dtype)
+        except Exception:  # the real call reports any problem
+            log.debug("kernel warm-up failed", exc_info=True)
+
+    thread = threading.Thread(target=load, name="tilefusion-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def fuse_block(
