@@ -50,7 +50,6 @@ from dataset import SCALES, VOXEL_ZYX, BenchSpec, sample, write_dataset  # noqa:
 
 CHUNKS = (64, 128, 128)
 SHARDS = (128, 256, 256)
-CHUNKS_PER_RANGE = 64
 
 
 # ---------------------------------------------------------------------------
@@ -71,7 +70,7 @@ def _config(xml: Path, out: Path, kind: str) -> dict[str, Any]:
             "compression": {"codec": "zstd", "level": 1},
             "overwrite": True,
         },
-        "fusion": {"chunks_per_range": CHUNKS_PER_RANGE},
+        # fusion.chunks_per_range: the default (256 chunks per job)
     }
 
 

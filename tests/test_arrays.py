@@ -6,18 +6,31 @@ import gzip
 import json
 import os
 import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
+import numcodecs
 import numpy as np
 import pytest
 import tifffile
 import zarr
+from zarr.codecs import (
+    BloscCodec,
+    BytesCodec,
+    Crc32cCodec,
+    GzipCodec,
+    ShardingCodec,
+    TransposeCodec,
+    ZstdCodec,
+)
 
 from tilefusion.errors import InputError
 from tilefusion.readers import ArraySource, open_array
 from tilefusion.readers.arrays import (
     TileArray,
+    _ZarrChunks,
     forget_memory_array,
     register_memory_array,
     write_n5_array,
@@ -361,6 +374,239 @@ def test_missing_file_is_an_input_error(tmp_path: Path, fmt: str, name: str, mat
 def test_unsupported_loader_names_file_and_loader() -> None:
     with pytest.raises(InputError, match=r"a\.xml: ImageLoader: .*'bdv\.remote' cannot be read"):
         open_array(ArraySource("unsupported", "a.xml", "bdv.remote"))
+
+
+# --- direct Zarr chunk reader ---------------------------------------------------
+
+ZARR_SHAPE = (23, 29, 31)  # a multiple of no chunk or shard shape below
+ZARR_CHUNKS = (4, 6, 8)
+ZARR_SHARDS = (8, 12, 16)  # 2 x 2 x 2 inner chunks per shard
+FILL = 7
+
+
+def _v2(compressor: str | None, separator: str = ".", **extra: object) -> dict:
+    codec = None if compressor is None else numcodecs.get_codec({"id": compressor})
+    return {
+        "zarr_format": 2,
+        "compressors": codec,
+        "chunk_key_encoding": {"name": "v2", "separator": separator},
+        **extra,
+    }
+
+
+def _v3_codec(name: str | None) -> object:
+    return {
+        None: None,
+        "zstd": ZstdCodec(level=1),
+        "blosc": BloscCodec(cname="lz4", shuffle="bitshuffle"),
+        "gzip": GzipCodec(level=1),
+    }[name]
+
+
+def _v3(compressor: str | None, **extra: object) -> dict:
+    return {"zarr_format": 3, "compressors": _v3_codec(compressor), **extra}
+
+
+def _sharded(compressor: str, location: str, *, crc: bool = True) -> dict:
+    inner = [BytesCodec(), _v3_codec(compressor)]
+    index = [BytesCodec(), Crc32cCodec()] if crc else [BytesCodec()]
+    sharding = ShardingCodec(
+        chunk_shape=ZARR_CHUNKS, codecs=inner, index_codecs=index, index_location=location
+    )
+    return {"zarr_format": 3, "serializer": sharding, "compressors": None, "chunks": ZARR_SHARDS}
+
+
+# name -> create_array keywords; every one is read by the direct reader.
+DIRECT_LAYOUTS: dict[str, dict] = {
+    **{
+        f"v2-{c or 'raw'}-{'dot' if s == '.' else 'slash'}": _v2(c, s)
+        for c in ("zstd", "blosc", "gzip", "lz4", None)
+        for s in (".", "/")
+    },
+    "v2-big-endian": _v2("zstd", dtype=">u2"),
+    "v2-big-endian-float-nan": _v2("blosc", "/", dtype=">f4", fill_value=float("nan")),
+    "v2-null-fill": _v2("zstd", fill_value=None),
+    "v2-int8": _v2("lz4", dtype="i1"),
+    **{f"v3-{c or 'raw'}": _v3(c) for c in ("zstd", "blosc", "gzip", None)},
+    "v3-dot-keys": _v3("zstd", chunk_key_encoding={"name": "default", "separator": "."}),
+    "v3-v2-keys": _v3("gzip", chunk_key_encoding={"name": "v2", "separator": "/"}),
+    "v3-big-endian": _v3("zstd", serializer=BytesCodec(endian="big")),
+    "v3-float32": _v3("blosc", dtype="f4", fill_value=float("nan")),
+    **{
+        f"v3-shard-{c}-{loc}": _sharded(c, loc)
+        for c in ("zstd", "blosc", "gzip")
+        for loc in ("end", "start")
+    },
+    "v3-shard-no-crc": _sharded("zstd", "end", crc=False),
+    "v3-shard-no-crc-start": _sharded("gzip", "start", crc=False),
+    "v3-shard-dot-keys": {
+        **_sharded("zstd", "end"),
+        "chunk_key_encoding": {"name": "default", "separator": "."},
+    },
+}
+
+
+def _zarr_tile(tmp_path: Path, name: str, **keywords: object) -> tuple[Path, zarr.Array]:
+    """A uint16 (unless told) zarr array of ZARR_SHAPE with some chunks never written.
+
+    The first shard's box holds only the fill value (no chunk or shard file is
+    written), one inner chunk of the next shard too (an empty index entry),
+    and a slab at the far end is never assigned.
+    """
+    keywords = {"chunks": ZARR_CHUNKS, "dtype": "uint16", "fill_value": FILL, **keywords}
+    path = tmp_path / f"{name}.zarr"
+    z = zarr.create_array(str(path), shape=ZARR_SHAPE, **keywords)  # type: ignore[arg-type]
+    dtype = np.dtype(z.dtype)
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    if dtype.kind == "f":
+        data = rng.normal(size=ZARR_SHAPE).astype(dtype)
+    else:
+        info = np.iinfo(dtype)
+        data = rng.integers(info.min, info.max, size=ZARR_SHAPE, endpoint=True).astype(dtype)
+    fill = z.fill_value if z.fill_value is not None else 0
+    data[:8, :12, :16] = fill
+    data[8:12, 12:18, 16:24] = fill
+    z[:20] = data[:20]
+    return path, z
+
+
+def _zarr_crops(rng: np.random.Generator) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    shape = np.array(ZARR_SHAPE)
+    crops = [
+        ((0, 0, 0), ZARR_SHAPE),
+        ((0, 0, 0), (1, 1, 1)),
+        (tuple(shape - 1), ZARR_SHAPE),  # last voxel, in a partial edge chunk
+        ((19, 27, 29), ZARR_SHAPE),  # the never-written slab and the edge
+        ((8, 12, 16), (12, 18, 24)),  # exactly the empty inner chunk
+        ((3, 0, 0), (3, 29, 31)),  # empty along z
+    ]
+    for _ in range(25):
+        lo = rng.integers(0, shape)
+        hi = rng.integers(lo, shape, endpoint=True)
+        crops.append((tuple(int(v) for v in lo), tuple(int(v) for v in hi)))
+    for _ in range(8):
+        lo = rng.integers(0, shape)
+        crops.append((tuple(int(v) for v in lo), tuple(int(v) + 1 for v in lo)))
+    return crops
+
+
+def _assert_same(out: np.ndarray, expected: np.ndarray) -> None:
+    """Equal bit for bit (NaN payloads included), with zarr-python's dtype."""
+    assert type(out) is np.ndarray
+    assert out.dtype == expected.dtype
+    assert out.shape == expected.shape
+    assert out.tobytes() == np.ascontiguousarray(expected).tobytes()
+
+
+@pytest.mark.parametrize("layout", sorted(DIRECT_LAYOUTS))
+def test_direct_zarr_reads_equal_zarr_python(tmp_path: Path, layout: str) -> None:
+    path, z = _zarr_tile(tmp_path, layout, **DIRECT_LAYOUTS[layout])
+    arr = open_array(ArraySource("zarr", str(path)))
+    assert isinstance(arr._backing, _ZarrChunks)  # type: ignore[attr-defined]
+    assert arr.shape == ZARR_SHAPE
+    assert arr.dtype == z.dtype
+    for lo, hi in _zarr_crops(np.random.default_rng(3)):
+        expected = z[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        _assert_same(arr.read(lo, hi), expected)
+
+
+def test_direct_zarr_layouts_leave_chunks_unwritten(tmp_path: Path) -> None:
+    """The fixtures above do exercise absent chunks, shards and inner chunks."""
+    path, _ = _zarr_tile(tmp_path, "v2", **_v2("zstd"))
+    assert not (path / "0.0.0").exists() and (path / "0.0.3").exists()
+    assert not (path / "5.0.0").exists()  # never assigned
+    path, _ = _zarr_tile(tmp_path, "shard", **_sharded("zstd", "end"))
+    assert not (path / "c" / "0" / "0" / "0").exists()
+    raw = (path / "c" / "1" / "1" / "1").read_bytes()
+    index = np.frombuffer(raw[-(8 * 16 + 4) : -4], "<u8").reshape(2, 2, 2, 2)
+    assert (index[0, 0, 0] == 2**64 - 1).all()
+    assert (index[1, 1, 1] != 2**64 - 1).all()
+
+
+@pytest.mark.parametrize(
+    ("shape", "chunks", "template"),
+    [
+        ((1, 1, *ZARR_SHAPE), (1, 1, *ZARR_CHUNKS), (0, 0)),  # OME-Zarr t, c
+        (ZARR_SHAPE[1:], ZARR_CHUNKS[1:], None),  # 2D: one z plane
+    ],
+    ids=["5d", "2d"],
+)
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_direct_zarr_drops_fixed_axes(
+    tmp_path: Path, shape: tuple, chunks: tuple, template: tuple | None, fmt: int
+) -> None:
+    path = tmp_path / "nd.zarr"
+    z = zarr.create_array(
+        str(path), shape=shape, chunks=chunks, dtype="uint16", fill_value=FILL, zarr_format=fmt
+    )
+    z[..., :20] = np.random.default_rng(5).integers(0, 2**16, size=(*shape[:-1], 20))
+    arr = open_array(ArraySource("zarr", str(path)))
+    assert isinstance(arr._backing, _ZarrChunks)  # type: ignore[attr-defined]
+    spatial = (1, *shape) if template is None else shape[len(template) :]
+    assert arr.shape == spatial
+    for lo, hi in [((0, 0, 0), spatial), ((0, 3, 17), (1, 20, 25)), ((0, 0, 30), (0, 5, 31))]:
+        if template is None:
+            expected = z[lo[1] : hi[1], lo[2] : hi[2]][np.newaxis][lo[0] : hi[0]]
+        else:
+            expected = z[(*template, slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))]
+        _assert_same(arr.read(lo, hi), expected)
+
+
+@pytest.mark.parametrize(
+    "keywords",
+    [
+        {"zarr_format": 3, "filters": [TransposeCodec(order=(2, 1, 0))]},
+        {"zarr_format": 3, "compressors": [ZstdCodec(), Crc32cCodec()]},
+        {"zarr_format": 2, "filters": [numcodecs.Delta(dtype="u2")]},
+        {"zarr_format": 2, "compressors": numcodecs.Zlib()},
+        {"zarr_format": 2, "order": "F"},
+    ],
+    ids=["v3-transpose", "v3-crc32c", "v2-filters", "v2-zlib", "v2-fortran"],
+)
+def test_other_zarr_layouts_fall_back_to_zarr_python(tmp_path: Path, keywords: dict) -> None:
+    path, z = _zarr_tile(tmp_path, "other", **keywords)
+    arr = open_array(ArraySource("zarr", str(path)))
+    assert isinstance(arr._backing, zarr.Array)  # type: ignore[attr-defined]
+    lo, hi = (3, 5, 7), (21, 28, 30)
+    _assert_same(arr.read(lo, hi), z[3:21, 5:28, 7:30])
+
+
+def test_direct_zarr_concurrent_reads(tmp_path: Path) -> None:
+    path, z = _zarr_tile(tmp_path, "threads", **_sharded("blosc", "end"))
+    full = z[...]
+    arr = open_array(ArraySource("zarr", str(path)))
+    crops = _zarr_crops(np.random.default_rng(11)) * 4
+
+    def read(crop: tuple) -> bool:
+        (a, b, c), (d, e, f) = crop
+        return np.array_equal(arr.read(*crop), full[a:d, b:e, c:f])
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert all(pool.map(read, crops))
+
+
+def test_direct_zarr_damaged_shard_is_an_input_error(tmp_path: Path) -> None:
+    path, z = _zarr_tile(tmp_path, "damaged", **_sharded("zstd", "end"))
+    shard = path / "c" / "1" / "1" / "1"
+    raw = bytearray(shard.read_bytes())
+    raw[-10] ^= 0xFF  # inside the index
+    shard.write_bytes(bytes(raw))
+    arr = open_array(ArraySource("zarr", str(path)))
+    np.testing.assert_array_equal(arr.read((0, 0, 0), (8, 12, 16)), z[:8, :12, :16])
+    with pytest.raises(InputError, match=r"damaged\.zarr: array: cannot read crop.*checksum"):
+        arr.read((8, 12, 16), (9, 13, 17))
+    shard.write_bytes(bytes(raw[:40]))
+    with pytest.raises(InputError, match="shorter than its index"):
+        arr.read((8, 12, 16), (9, 13, 17))
+
+
+def test_direct_zarr_truncated_inner_chunk_is_an_input_error(tmp_path: Path) -> None:
+    path, _ = _zarr_tile(tmp_path, "cut", **_sharded("zstd", "start", crc=False))
+    shard = path / "c" / "0" / "0" / "1"
+    shard.write_bytes(shard.read_bytes()[:200])
+    arr = open_array(ArraySource("zarr", str(path)))
+    with pytest.raises(InputError, match=r"cannot read crop .*(truncated|corrupt)"):
+        arr.read((0, 0, 16), (8, 12, 31))
 
 
 # --- real data ------------------------------------------------------------------

@@ -329,7 +329,7 @@ def make_plan(
     post_transform: geometry.Affine | None = None,
     chunks_zyx: Sequence[int] = (64, 128, 128),
     shards_zyx: Sequence[int] | None = None,
-    chunks_per_range: int = 64,
+    chunks_per_range: int = 256,
     pyramid_levels: int | None = None,
     settings: dict[str, Any] | None = None,
 ) -> Plan:

@@ -7,9 +7,16 @@ the requested crop from disk. Opening reads metadata only.
 Backends
 --------
 zarr
-    Zarr v2 and v3 through zarr-python, read-only. A path (or key) naming an
-    OME-Zarr multiscale group resolves to its first dataset (level 0); a plain
-    group resolves to its array ``"0"``.
+    Zarr v2 and v3, read-only; zarr-python opens the array and reads its
+    metadata. A path (or key) naming an OME-Zarr multiscale group resolves to
+    its first dataset (level 0); a plain group resolves to its array ``"0"``.
+    Arrays in a local folder with a plain layout are then read chunk by chunk
+    here (numcodecs decodes), bypassing zarr-python's event loop: v2 with a
+    ``zstd``, ``blosc``, ``gzip``, ``lz4`` or no compressor, no filters and C
+    order; v3 with ``bytes`` and at most one ``zstd``, ``blosc`` or ``gzip``
+    codec, optionally inside ``sharding_indexed`` (only the inner chunks a crop
+    needs are read). Every other array (remote stores, other codecs,
+    transposes, filters) is read through zarr-python.
 n5
     A small reader written here (zarr-python 3 has no N5 support):
     ``attributes.json`` gives ``dimensions`` and ``blockSize`` in **xyz**
@@ -37,14 +44,19 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import itertools
 import json
 import lzma
+import math
+import operator
+import os
 import re
 import struct
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -145,7 +157,8 @@ class _IndexedArray:
 
     ``template`` has one entry per backing axis: an ``int`` fixes that axis,
     ``None`` marks a spatial axis. With only two spatial axes a unit z axis is
-    added in front.
+    added in front. ``fresh_reads`` says that ``backing[index]`` returns a new
+    array nobody else holds, so a crop of the right type is handed out as is.
     """
 
     def __init__(
@@ -157,8 +170,10 @@ class _IndexedArray:
         view_as: np.dtype[Any] | None = None,
         backing_shape: Sequence[int] | None = None,
         where: tuple[str, str] = ("", ""),
+        fresh_reads: bool = False,
     ) -> None:
         self._backing = backing
+        self._fresh_reads = fresh_reads
         self._where = where
         self._template = tuple(template)
         full = backing.shape if backing_shape is None else backing_shape
@@ -202,6 +217,8 @@ class _IndexedArray:
             out = out[np.newaxis]
         if self._view_as is not None:
             out = out.view(self._view_as)
+        if self._fresh_reads and out.dtype == self._dtype:
+            return out
         # A memory map or a view of a registered array must not leak out.
         return np.array(out, dtype=self._dtype, copy=True)
 
@@ -272,7 +289,11 @@ def _open_zarr(source: ArraySource) -> TileArray:
     if isinstance(node, zarr.Group):
         node = _zarr_level0(node, source)
     template = _spatial_template(node.shape, source=source.path, field=_field(source))
-    return _IndexedArray(node, template, np.dtype(node.dtype), where=(source.path, _field(source)))
+    where = (source.path, _field(source))
+    chunks = _ZarrChunks.for_array(node)
+    if chunks is not None:
+        return _IndexedArray(chunks, template, chunks.dtype, where=where, fresh_reads=True)
+    return _IndexedArray(node, template, np.dtype(node.dtype), where=where)
 
 
 def _zarr_level0(group: Any, source: ArraySource) -> Any:
@@ -297,6 +318,358 @@ def _zarr_level0(group: Any, source: ArraySource) -> Any:
     if not isinstance(node, zarr.Array):
         raise InputError(source.path, _field(source), f"zarr node {name!r} is not an array")
     return node
+
+
+# Compressors the direct reader decodes with numcodecs. They all describe
+# themselves in the stream (zstd frames, blosc headers, gzip members), so the
+# decoder needs none of the settings the writer used.
+_V2_COMPRESSORS = frozenset({"zstd", "blosc", "gzip", "lz4"})
+_V3_COMPRESSORS = frozenset({"zstd", "blosc", "gzip"})
+_DIRECT_KINDS = frozenset("biufc")
+_EMPTY_CHUNK = 2**64 - 1  # shard index entry (offset and length) of an absent inner chunk
+
+
+@dataclass(frozen=True)
+class _ZarrLayout:
+    """How one Zarr array lays out its chunks on disk.
+
+    Attributes
+    ----------
+    chunks : tuple of int
+        Shape of one encoded chunk (the inner chunk of a sharded array).
+    stored : numpy.dtype
+        Pixel type in the chunk bytes, byte order included.
+    codec : numcodecs.abc.Codec or None
+        Decompressor of one chunk; ``None`` for raw bytes.
+    prefix, separator : str
+        A chunk (or shard) key is ``prefix + separator.join(grid index)``.
+    shard : tuple of int or None
+        Shape of one shard file, or ``None`` when each chunk is a file.
+    index_at_end, index_crc : bool
+        Where a shard keeps its index, and whether a crc32c follows it.
+    """
+
+    chunks: tuple[int, ...]
+    stored: np.dtype[Any]
+    codec: Any
+    prefix: str
+    separator: str
+    shard: tuple[int, ...] | None = None
+    index_at_end: bool = True
+    index_crc: bool = True
+
+
+class _ZarrChunks:
+    """One Zarr array in a local folder, read chunk by chunk without zarr-python.
+
+    zarr-python 3 runs every read through its event loop with a task per
+    chunk and codec, and its threads contend for locks; for plain
+    layouts (:meth:`for_array`) the chunk files are read and decoded here.
+    Indexing with one ``int`` or step-1 ``slice`` per axis returns a new
+    array equal to zarr-python's; absent chunks read as the fill value. No
+    state changes after construction, so threads may read concurrently.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        layout: _ZarrLayout,
+        *,
+        shape: Sequence[int],
+        dtype: np.dtype[Any],
+        fill_value: Any,
+    ) -> None:
+        self._folder = folder
+        self._layout = layout
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = dtype
+        self._fill = fill_value
+        shard = layout.shard or layout.chunks
+        self._per_shard = tuple(s // c for s, c in zip(shard, layout.chunks, strict=True))
+        self._index_size = 16 * math.prod(self._per_shard) + (4 if layout.index_crc else 0)
+
+    @classmethod
+    def for_array(cls, node: Any) -> _ZarrChunks | None:
+        """The direct reader of zarr-python array ``node``, or ``None`` if it has none.
+
+        Only arrays in a local folder whose metadata names a layout read
+        here qualify; the rest stay on zarr-python.
+        """
+        from zarr.storage import LocalStore
+
+        if not isinstance(node.store, LocalStore):
+            return None
+        folder = Path(node.store.root) / node.path if node.path else Path(node.store.root)
+        dtype = np.dtype(node.dtype)
+        if dtype.kind not in _DIRECT_KINDS or dtype.fields is not None or len(node.shape) < 1:
+            return None
+        meta = node.metadata.to_dict()
+        fmt = meta.get("zarr_format")
+        layout = (
+            _v2_layout(meta, dtype) if fmt == 2 else _v3_layout(meta, dtype) if fmt == 3 else None
+        )
+        if layout is None or len(layout.chunks) != len(node.shape):
+            return None
+        if not folder.is_dir():
+            return None
+        # zarr-python reads a v2 null fill value as zero.
+        fill = node.fill_value if node.fill_value is not None else np.zeros((), dtype)[()]
+        return cls(folder, layout, shape=node.shape, dtype=dtype, fill_value=fill)
+
+    def __getitem__(self, index: tuple[int | slice, ...]) -> NDArray[Any]:
+        """Read ``index`` (an ``int`` or step-1 ``slice`` per axis; ints drop the axis)."""
+        if len(index) != len(self.shape):
+            raise IndexError(f"{len(index)} indices for an array of {len(self.shape)} axes")
+        starts: list[int] = []
+        stops: list[int] = []
+        kept: list[int] = []
+        for key, n in zip(index, self.shape, strict=True):
+            if isinstance(key, slice):
+                a, b, step = key.indices(n)
+                if step != 1:
+                    raise IndexError("only step-1 slices are read")
+                b = max(a, b)
+                kept.append(b - a)
+            else:
+                a = operator.index(key)
+                if not 0 <= a < n:
+                    raise IndexError(f"index {a} outside an axis of {n}")
+                b = a + 1
+            starts.append(a)
+            stops.append(b)
+        out = np.empty(tuple(b - a for a, b in zip(starts, stops, strict=True)), self.dtype)
+        if out.size:
+            if self._layout.shard is None:
+                self._read_chunks(out, starts, stops)
+            else:
+                self._read_shards(out, starts, stops)
+        return out.reshape(kept)
+
+    def _key(self, coords: Sequence[int]) -> str:
+        return self._layout.prefix + self._layout.separator.join(str(c) for c in coords)
+
+    def _read_chunks(self, out: NDArray[Any], starts: Sequence[int], stops: Sequence[int]) -> None:
+        for coords, dst, src in _grid_blocks(starts, stops, self._layout.chunks):
+            key = self._key(coords)
+            try:
+                raw = (self._folder / key).read_bytes()
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                # zarr-python's local store answers these as "no such chunk".
+                out[dst] = self._fill
+                continue
+            out[dst] = self._decode(raw, key)[src]
+
+    def _read_shards(self, out: NDArray[Any], starts: Sequence[int], stops: Sequence[int]) -> None:
+        assert self._layout.shard is not None
+        for coords, dst, src in _grid_blocks(starts, stops, self._layout.shard):
+            key = self._key(coords)
+            try:
+                fh = (self._folder / key).open("rb")
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                out[dst] = self._fill
+                continue
+            with fh:
+                self._read_shard(out[dst], fh, key, [s.start for s in src], [s.stop for s in src])
+
+    def _read_shard(
+        self, out: NDArray[Any], fh: BinaryIO, key: str, starts: list[int], stops: list[int]
+    ) -> None:
+        """Fill ``out`` with the shard-local box ``[starts, stops)`` of open shard ``fh``."""
+        index = self._shard_index(fh, key)
+        wanted: list[tuple[int, int, str, tuple[slice, ...], tuple[slice, ...]]] = []
+        for coords, dst, src in _grid_blocks(starts, stops, self._layout.chunks):
+            offset, nbytes = (int(v) for v in index[coords])
+            if offset == _EMPTY_CHUNK and nbytes == _EMPTY_CHUNK:
+                out[dst] = self._fill
+                continue
+            name = f"{key}[{','.join(str(c) for c in coords)}]"
+            wanted.append((offset, nbytes, name, dst, src))
+        # One read per run of inner chunks that lie back to back in the file
+        # (zarr-python writes them in C order): fewer system calls, and far
+        # fewer round trips on network file systems.
+        wanted.sort(key=lambda w: w[0])
+        start = 0
+        while start < len(wanted):
+            end = start + 1
+            while end < len(wanted) and wanted[end][0] == wanted[end - 1][0] + wanted[end - 1][1]:
+                end += 1
+            first = wanted[start][0]
+            size = wanted[end - 1][0] + wanted[end - 1][1] - first
+            fh.seek(first)
+            raw = fh.read(size)
+            if len(raw) != size:
+                raise ValueError(f"shard {key} is truncated")
+            view = memoryview(raw)
+            for offset, nbytes, name, dst, src in wanted[start:end]:
+                out[dst] = self._decode(view[offset - first : offset - first + nbytes], name)[src]
+            start = end
+
+    def _shard_index(self, fh: BinaryIO, key: str) -> NDArray[np.uint64]:
+        """The ``(chunks per shard..., 2)`` table of (offset, length) of open shard ``fh``."""
+        size = self._index_size
+        if self._layout.index_at_end:
+            total = os.fstat(fh.fileno()).st_size
+            if total < size:
+                raise ValueError(f"shard {key} is shorter than its index")
+            fh.seek(total - size)
+        raw = fh.read(size)
+        if len(raw) != size:
+            raise ValueError(f"shard {key} is shorter than its index")
+        if self._layout.index_crc:
+            import google_crc32c
+
+            body = raw[:-4]
+            if google_crc32c.value(body) != struct.unpack("<I", raw[-4:])[0]:
+                raise ValueError(f"shard {key}: index checksum mismatch")
+        else:
+            body = raw
+        return np.frombuffer(body, "<u8").reshape((*self._per_shard, 2))
+
+    def _decode(self, raw: bytes | memoryview, name: str) -> NDArray[Any]:
+        codec = self._layout.codec
+        try:
+            data = raw if codec is None else codec.decode(raw)
+            return np.frombuffer(data, self._layout.stored).reshape(self._layout.chunks)
+        except Exception as exc:
+            # numcodecs raises assorted types for damaged input; name the chunk.
+            raise ValueError(f"chunk {name} is corrupt: {exc}") from exc
+
+
+def _grid_blocks(
+    starts: Sequence[int], stops: Sequence[int], block: Sequence[int]
+) -> Iterator[tuple[tuple[int, ...], tuple[slice, ...], tuple[slice, ...]]]:
+    """The blocks of a regular grid that the non-empty box ``[starts, stops)`` touches.
+
+    Yields
+    ------
+    tuple
+        ``(grid index, slices of the box, slices of the block)`` per block, in
+        C order; the two slices select the same voxels.
+    """
+    ranges = [range(a // s, (b - 1) // s + 1) for a, b, s in zip(starts, stops, block, strict=True)]
+    for coords in itertools.product(*ranges):
+        dst: list[slice] = []
+        src: list[slice] = []
+        for c, a, b, s in zip(coords, starts, stops, block, strict=True):
+            origin = c * s
+            lo, hi = max(a, origin), min(b, origin + s)
+            dst.append(slice(lo - a, hi - a))
+            src.append(slice(lo - origin, hi - origin))
+        yield coords, tuple(dst), tuple(src)
+
+
+def _v2_layout(meta: dict[str, Any], dtype: np.dtype[Any]) -> _ZarrLayout | None:
+    """The layout of a v2 array (``.zarray`` as ``meta``), if read directly."""
+    import numcodecs
+
+    if meta.get("order", "C") != "C" or meta.get("filters"):
+        return None
+    separator = meta.get("dimension_separator") or "."
+    if separator not in (".", "/"):
+        return None
+    compressor = meta.get("compressor")
+    codec = None
+    if compressor is not None:
+        if not isinstance(compressor, dict) or compressor.get("id") not in _V2_COMPRESSORS:
+            return None
+        codec = numcodecs.get_codec(dict(compressor))
+    try:
+        stored = np.dtype(meta["dtype"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if stored.newbyteorder("=") != dtype.newbyteorder("="):
+        return None
+    chunks = tuple(int(n) for n in meta["chunks"])
+    return _ZarrLayout(chunks, stored, codec, prefix="", separator=separator)
+
+
+def _v3_layout(meta: dict[str, Any], dtype: np.dtype[Any]) -> _ZarrLayout | None:
+    """The layout of a v3 array (``zarr.json`` as ``meta``), if read directly."""
+    if meta.get("storage_transformers"):
+        return None
+    grid = _named(meta.get("chunk_grid"))
+    encoding = _named(meta.get("chunk_key_encoding"))
+    if grid is None or grid[0] != "regular" or encoding is None:
+        return None
+    outer = tuple(int(n) for n in grid[1].get("chunk_shape", ()))
+    if encoding[0] == "default":
+        separator = encoding[1].get("separator", "/")
+        prefix = f"c{separator}"
+    elif encoding[0] == "v2":
+        separator = encoding[1].get("separator", ".")
+        prefix = ""
+    else:
+        return None
+    if separator not in (".", "/"):
+        return None
+    codecs = [_named(c) for c in meta.get("codecs", ())]
+    if len(codecs) == 1 and codecs[0] is not None and codecs[0][0] == "sharding_indexed":
+        config = codecs[0][1]
+        inner = tuple(int(n) for n in config.get("chunk_shape", ()))
+        chain = _v3_chain([_named(c) for c in config.get("codecs", ())], dtype)
+        index = [_named(c) for c in config.get("index_codecs", ())]
+        location = config.get("index_location", "end")
+        crc = len(index) == 2 and index[1] == ("crc32c", {})
+        if (
+            chain is None
+            or location not in ("start", "end")
+            or not index
+            or index[0] is None
+            or index[0][0] != "bytes"
+            or index[0][1].get("endian", "little") != "little"
+            or not (len(index) == 1 or crc)
+            or len(inner) != len(outer)
+            or any(c < 1 or s % c for s, c in zip(outer, inner, strict=True))
+        ):
+            return None
+        return _ZarrLayout(
+            inner,
+            chain[0],
+            chain[1],
+            prefix=prefix,
+            separator=separator,
+            shard=outer,
+            index_at_end=location == "end",
+            index_crc=crc,
+        )
+    chain = _v3_chain(codecs, dtype)
+    if chain is None:
+        return None
+    return _ZarrLayout(outer, chain[0], chain[1], prefix=prefix, separator=separator)
+
+
+def _v3_chain(
+    codecs: Sequence[tuple[str, dict[str, Any]] | None], dtype: np.dtype[Any]
+) -> tuple[np.dtype[Any], Any] | None:
+    """(stored dtype, decompressor) of a ``bytes`` [+ one compressor] chain, else ``None``."""
+    import numcodecs
+
+    if not 1 <= len(codecs) <= 2 or any(c is None for c in codecs):
+        return None
+    first = codecs[0]
+    assert first is not None
+    endian = first[1].get("endian") or "little"
+    if first[0] != "bytes" or endian not in ("little", "big"):
+        return None
+    stored = dtype.newbyteorder("<" if endian == "little" else ">")
+    codec = None
+    if len(codecs) == 2:
+        second = codecs[1]
+        assert second is not None
+        if second[0] not in _V3_COMPRESSORS:
+            return None
+        codec = numcodecs.get_codec({"id": second[0]})
+    return stored, codec
+
+
+def _named(entry: object) -> tuple[str, dict[str, Any]] | None:
+    """``(name, configuration)`` of a v3 metadata entry (a dict or a bare name)."""
+    if isinstance(entry, str):
+        return entry, {}
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        return None
+    config = entry.get("configuration") or {}
+    return (entry["name"], dict(config)) if isinstance(config, dict) else None
 
 
 # ---------------------------------------------------------------------------
