@@ -49,7 +49,7 @@ def _small_config(workdir: Path) -> Path:
     """The bundled demo as 3 fuse jobs and no pyramid (few, short jobs)."""
     shutil.copytree(ROOT / "config", workdir / "config")
     config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
-    config["fusion"]["chunks_per_range"] = 32
+    config["fusion"]["chunks_per_range"] = 16
     config["output"]["pyramid_levels"] = 1
     path = workdir / "small.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -132,8 +132,11 @@ class Level:
         Downsampling factor from the previous level (1 for level 0).
     scale_zyx, translation_zyx : tuple of float
         Physical voxel size and position of voxel (0, 0, 0)'s centre.
-    shards_per_range : int
-        Shards one job writes.
+    range_starts : tuple of int
+        Flat (C-order) index of the first shard of each range; a range is the
+        run of shards up to the next start. Ranges hold about equal numbers
+        of voxels, so clipped shards at the grid's far faces do not make jobs
+        of their own.
     """
 
     shape_zyx: Shape3
@@ -142,7 +145,7 @@ class Level:
     factor_zyx: Shape3
     scale_zyx: Float3
     translation_zyx: Float3
-    shards_per_range: int
+    range_starts: tuple[int, ...]
 
     @property
     def shard_grid(self) -> Shape3:
@@ -154,7 +157,28 @@ class Level:
 
     @property
     def n_ranges(self) -> int:
-        return math.ceil(self.n_shards / self.shards_per_range)
+        return len(self.range_starts)
+
+    def range_bounds(self, range_index: int) -> tuple[int, int]:
+        """Flat shard indices ``[start, stop)`` of one range."""
+        if not 0 <= range_index < self.n_ranges:
+            raise IndexError(f"range {range_index} not in 0..{self.n_ranges - 1}")
+        stop = (
+            self.range_starts[range_index + 1] if range_index + 1 < self.n_ranges else self.n_shards
+        )
+        return self.range_starts[range_index], stop
+
+    def range_of_shards(self, flat_shards: NDArray[np.int64]) -> NDArray[np.int64]:
+        """The range of each flat shard index."""
+        starts = np.asarray(self.range_starts, dtype=np.int64)
+        return np.searchsorted(starts, flat_shards, side="right") - 1
+
+    def max_range_voxels(self) -> int:
+        """Voxels of the largest range (what one job computes at most)."""
+        voxels = np.cumsum(_shard_voxels(self.shape_zyx, self.shards_zyx))
+        ends = np.append(np.asarray(self.range_starts[1:], dtype=np.int64), self.n_shards) - 1
+        totals = np.diff(np.concatenate([[0], voxels[ends]]))
+        return int(totals.max())
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -170,7 +194,7 @@ class Level:
             factor_zyx=_shape3(data["factor_zyx"]),
             scale_zyx=_float3(data["scale_zyx"]),
             translation_zyx=_float3(data["translation_zyx"]),
-            shards_per_range=int(data["shards_per_range"]),
+            range_starts=tuple(int(v) for v in data["range_starts"]),
         )
 
 
@@ -297,9 +321,18 @@ def _levels(
     chunks_per_range: int,
     n_levels: int | None,
 ) -> tuple[Level, ...]:
-    chunks_per_shard = int(np.prod(np.asarray(shards) // np.asarray(chunks)))
-    shards_per_range = max(1, math.ceil(chunks_per_range / chunks_per_shard))
-    levels = [Level(shape, chunks, shards, (1, 1, 1), resolution, origin, shards_per_range)]
+    range_voxels = chunks_per_range * math.prod(chunks)
+    levels = [
+        Level(
+            shape,
+            chunks,
+            shards,
+            (1, 1, 1),
+            resolution,
+            origin,
+            _range_starts(shape, shards, range_voxels),
+        )
+    ]
     limit = n_levels if n_levels is not None else 16
     while len(levels) < limit:
         prev = levels[-1]
@@ -315,10 +348,33 @@ def _levels(
             [t + (f - 1) / 2 * r for t, f, r in zip(prev.translation_zyx, factor, prev.scale_zyx)]
         )
         new_scale = _float3([r * f for r, f in zip(prev.scale_zyx, factor)])
-        levels.append(
-            Level(new_shape, chunks, shards, factor, new_scale, translation, shards_per_range)
-        )
+        starts = _range_starts(new_shape, shards, range_voxels)
+        levels.append(Level(new_shape, chunks, shards, factor, new_scale, translation, starts))
     return tuple(levels)
+
+
+def _shard_voxels(shape: Shape3, shards: Shape3) -> NDArray[np.int64]:
+    """Voxels of every shard (clipped to the array), in flat C order."""
+    sizes = [
+        np.minimum(s, n - np.arange(math.ceil(n / s), dtype=np.int64) * s)
+        for n, s in zip(shape, shards)
+    ]
+    return np.multiply.outer(np.multiply.outer(sizes[0], sizes[1]), sizes[2]).ravel()
+
+
+def _range_starts(shape: Shape3, shards: Shape3, range_voxels: int) -> tuple[int, ...]:
+    """Cut the C-ordered shards into the fewest runs of at most about
+    ``range_voxels`` voxels, equal to within one shard."""
+    voxels = _shard_voxels(shape, shards)
+    total = int(voxels.sum())
+    count = max(1, math.ceil(total / max(range_voxels, 1)))
+    cumulative = np.cumsum(voxels)
+    # Range k starts at the first shard whose voxels before it reach k / count.
+    before = cumulative - voxels
+    targets = np.arange(1, count) * (total / count)
+    cuts = np.searchsorted(before, targets, side="left")
+    starts = np.unique(np.concatenate([[0], cuts]))
+    return tuple(int(v) for v in starts[starts < len(voxels)])
 
 
 def make_plan(
@@ -453,10 +509,7 @@ def make_plan(
 
 def range_shards(level: Level, range_index: int) -> list[Shape3]:
     """Shard grid indices written by one range, in C order."""
-    if not 0 <= range_index < level.n_ranges:
-        raise IndexError(f"range {range_index} not in 0..{level.n_ranges - 1}")
-    start = range_index * level.shards_per_range
-    stop = min(start + level.shards_per_range, level.n_shards)
+    start, stop = level.range_bounds(range_index)
     flat = np.arange(start, stop)
     return [_shape3(idx) for idx in zip(*np.unravel_index(flat, level.shard_grid))]
 
@@ -540,7 +593,7 @@ def chunk_tile_pairs(plan: Plan) -> NDArray[np.int64]:
     per_shard = np.asarray(level.shards_zyx) // chunks
     shard = pairs[:, :3] // per_shard
     flat_shard = np.ravel_multi_index(tuple(shard.T), level.shard_grid)
-    ranges = flat_shard // level.shards_per_range
+    ranges = level.range_of_shards(flat_shard)
     flat_chunk = np.ravel_multi_index(tuple(pairs[:, :3].T), tuple(grid))
     order = np.lexsort((pairs[:, 3], flat_chunk, ranges))
     return np.column_stack([ranges, pairs[:, :3], pairs[:, 3]])[order]

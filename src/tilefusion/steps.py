@@ -407,8 +407,7 @@ def fuse_memory_mb(plan: Plan, *, attempt: int = 1) -> int:
 
 def fuse_runtime_min(plan: Plan, *, attempt: int = 1) -> int:
     """Minutes a fuse job asks for, at a pessimistic 2 Mvoxel/s, doubled on each retry."""
-    level = plan.grid
-    voxels = math.prod(level.shards_zyx) * level.shards_per_range
+    voxels = plan.grid.max_range_voxels()
     return int(max(10, math.ceil(voxels / 2e6 / 60 * 3)) * 2 ** (attempt - 1))
 
 
