@@ -33,7 +33,7 @@ from tilefusion.plan import (
 )
 from tilefusion.readers import open_array
 from tilefusion.readers.arrays import TileArray
-from tilefusion.validate import block_stats, merge_stats
+from tilefusion.stats import block_stats, merge_stats
 from tilefusion.writer import LevelWriter, cast_into
 
 __all__ = ["FusionOptions", "fuse_range", "tile_crop_bounds"]

@@ -15,8 +15,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from tilefusion.plan import Plan, range_shards, shard_box
+from tilefusion.stats import block_stats, merge_stats
 from tilefusion.store import open_level
-from tilefusion.validate import block_stats, merge_stats
 from tilefusion.writer import LevelWriter, cast_to_dtype
 
 __all__ = ["downsample_mean", "downsample_range"]

@@ -310,8 +310,8 @@ def assemble(
     """Write the OME-NGFF metadata once every pixel job has finished."""
     import numpy as np
 
+    from tilefusion.stats import merge_stats
     from tilefusion.store import format_from_name, open_level, write_ngff_metadata
-    from tilefusion.validate import merge_stats
 
     config = load_config(config)
     plan = read_plan(plan_path)

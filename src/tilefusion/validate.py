@@ -12,47 +12,21 @@ Problems name the ranges whose jobs must be rerun.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from numpy.typing import NDArray
 
 from tilefusion.plan import Plan
+from tilefusion.stats import merge_stats
 from tilefusion.store import NgffFormat
 from tilefusion.writer import object_digest
 
-__all__ = ["block_stats", "merge_stats", "validate_output"]
-
-
-def block_stats(block: NDArray[Any]) -> dict[str, float | int]:
-    """Summary of a written block: voxels, voxels with data, min/max/sum over them."""
-    data = np.asarray(block)
-    covered = data[data != 0]
-    return {
-        "voxels": int(data.size),
-        "covered": int(covered.size),
-        "min": float(covered.min()) if covered.size else 0.0,
-        "max": float(covered.max()) if covered.size else 0.0,
-        "sum": float(covered.sum(dtype=np.float64)),
-    }
-
-
-def merge_stats(parts: Sequence[Mapping[str, float | int]]) -> dict[str, float | int]:
-    """Combine :func:`block_stats` of disjoint blocks."""
-    covered = [p for p in parts if p["covered"]]
-    voxels = int(sum(p["voxels"] for p in parts))
-    n_covered = int(sum(p["covered"] for p in parts))
-    total = float(sum(p["sum"] for p in parts))
-    return {
-        "voxels": voxels,
-        "covered": n_covered,
-        "min": min((float(p["min"]) for p in covered), default=0.0),
-        "max": max((float(p["max"]) for p in covered), default=0.0),
-        "sum": total,
-    }
+__all__ = ["validate_output"]
 
 
 def _metadata_problems(store_path: Path, ngff: NgffFormat, plan: Plan) -> list[str]:
@@ -118,6 +92,13 @@ def _decodes(array: zarr.Array, key: str) -> bool:
     return True
 
 
+def _cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def validate_output(
     plan: Plan,
     *,
@@ -151,17 +132,22 @@ def validate_output(
     bad: set[tuple[int, int]] = set()
     level_stats: dict[int, list[Mapping[str, float | int]]] = {}
     arrays: dict[int, zarr.Array] = {}
+    loaded: dict[tuple[int, int], dict[str, Any]] = {}
     for (level_index, range_index), marker_path in sorted(markers.items()):
         try:
-            marker = json.loads(Path(marker_path).read_text())
+            loaded[level_index, range_index] = json.loads(Path(marker_path).read_text())
         except (OSError, json.JSONDecodeError):
             problems.append(f"{marker_path}: marker missing or unreadable")
             bad.add((level_index, range_index))
-            continue
+    keys = [key for marker in loaded.values() for key in marker["objects"]]
+    # Hashing dominates validation and releases the GIL: one thread per CPU.
+    with ThreadPoolExecutor(max_workers=_cpus()) as pool:
+        digests = dict(zip(keys, pool.map(lambda k: object_digest(store_path / k), keys)))
+    for (level_index, range_index), marker in loaded.items():
         level_stats.setdefault(level_index, []).append(marker.get("stats", {}))
         decoded = False
         for key, promised in marker["objects"].items():
-            found = object_digest(store_path / key)
+            found = digests[key]
             if found != promised:
                 what = (
                     "missing" if found is None else "unexpected" if promised is None else "corrupt"
