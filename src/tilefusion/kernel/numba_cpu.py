@@ -908,17 +908,25 @@ def _finish_in_place(num: np.ndarray, den: np.ndarray, is_max: bool) -> None:
 
 
 def warm_up(dtype: str = "uint16") -> None:
-    """Load the compiled kernel for tiles of ``dtype`` (numba's first call costs ~0.4 s)."""
+    """Load (or compile, the first time) the kernels for tiles of ``dtype``.
+
+    numba's first call in a process loads its type registries and compiled
+    code (about 0.4 s); after an install it compiles (tens of seconds).
+    """
     from tilefusion.kernel._types import TileCrop, plan_tiles
 
-    crop = TileCrop(
-        data=np.ones((2, 2, 2), dtype=dtype),
-        # A fractional shift: the interpolating kernel, not the integer-shift copy.
-        out_to_tile=geometry.translation([0.0, 0.0, 0.25]),
-        crop_offset_zyx=(0, 0, 0),
-        tile_shape_zyx=(2, 2, 2),
-    )
-    plans = plan_tiles(
-        [crop], (2, 2, 2), blend_range_zyx=(1.0, 1.0, 1.0), blend_border_zyx=(0.0,) * 3
-    )
-    fuse_numba(plans, (2, 2, 2), interpolation="linear", blending="cosine", threads=1)
+    crops = [
+        TileCrop(
+            data=np.ones((2, 2, 2), dtype=dtype),
+            out_to_tile=geometry.translation(shift),
+            crop_offset_zyx=(0, 0, 0),
+            tile_shape_zyx=(2, 2, 2),
+        )
+        # A fractional shift takes the interpolating kernel, an integer one the copy.
+        for shift in ([0.0, 0.0, 0.25], [0.0, 0.0, 1.0])
+    ]
+    for crop in crops:
+        plans = plan_tiles(
+            [crop], (2, 2, 2), blend_range_zyx=(1.0, 1.0, 1.0), blend_border_zyx=(0.0,) * 3
+        )
+        fuse_numba(plans, (2, 2, 2), interpolation="linear", blending="cosine", threads=1)
