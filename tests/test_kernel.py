@@ -460,3 +460,11 @@ def test_select_device() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert fuse_block([], (1, 1, 1)).shape == (1, 1, 1)
+
+
+def test_warm_up_loads_the_kernel_in_the_background():
+    from tilefusion.kernel import warm_up_in_background
+
+    thread = warm_up_in_background("uint16")
+    thread.join(timeout=600)
+    assert not thread.is_alive()
