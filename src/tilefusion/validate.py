@@ -140,9 +140,12 @@ def validate_output(
             problems.append(f"{marker_path}: marker missing or unreadable")
             bad.add((level_index, range_index))
     keys = [key for marker in loaded.values() for key in marker["objects"]]
-    # Hashing dominates validation and releases the GIL: one thread per CPU.
+    # Hashing dominates validation and releases the GIL: one thread per CPU,
+    # while the metadata check (mostly importing its models) runs beside it.
     with ThreadPoolExecutor(max_workers=_cpus()) as pool:
+        metadata = pool.submit(_metadata_problems, store_path, ngff, plan)
         digests = dict(zip(keys, pool.map(lambda k: object_digest(store_path / k), keys)))
+        metadata_problems = metadata.result()
     for (level_index, range_index), marker in loaded.items():
         level_stats.setdefault(level_index, []).append(marker.get("stats", {}))
         decoded = False
@@ -167,7 +170,7 @@ def validate_output(
                     where = f"level {level_index} range {range_index}"
                     problems.append(f"{store_path / key}: does not decode ({where})")
                     bad.add((level_index, range_index))
-    problems.extend(_metadata_problems(store_path, ngff, plan))
+    problems.extend(metadata_problems)
     levels = []
     for k, level in enumerate(plan.levels):
         parts = [p for p in level_stats.get(k, []) if p]
