@@ -171,7 +171,10 @@ def _fuse_box(
         if found is not None:
             bounds.append((tile, *found))
     too_big = any(
-        np.any(np.subtract(c_hi, c_lo) > options.read_block_zyx) for _, _, c_lo, c_hi in bounds
+        # The one voxel past the block that linear interpolation reads does not
+        # count: a chunk fused at the tiles' own resolution is never split.
+        np.any(np.subtract(c_hi, c_lo) > np.add(options.read_block_zyx, 1))
+        for _, _, c_lo, c_hi in bounds
     )
     if too_big and max(shape) > 1:
         out = np.zeros(shape, dtype=np.float32)
