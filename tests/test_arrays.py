@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import itertools
 import json
 import os
 import struct
+import subprocess
+import sys
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,9 +32,11 @@ from zarr.codecs import (
 )
 
 from tilefusion.errors import InputError
-from tilefusion.readers import ArraySource, open_array
+from tilefusion.readers import ArraySource, arrays, open_array
 from tilefusion.readers.arrays import (
     TileArray,
+    _ChunkCache,
+    _open_local_zarr,
     _ZarrChunks,
     forget_memory_array,
     register_memory_array,
@@ -503,6 +510,8 @@ def test_direct_zarr_reads_equal_zarr_python(tmp_path: Path, layout: str) -> Non
     path, z = _zarr_tile(tmp_path, layout, **DIRECT_LAYOUTS[layout])
     arr = open_array(ArraySource("zarr", str(path)))
     assert isinstance(arr._backing, _ZarrChunks)  # type: ignore[attr-defined]
+    # Resolved from the JSON metadata, as zarr-python resolves it.
+    _assert_same_reader(_open_local_zarr(ArraySource("zarr", str(path))), _ZarrChunks.for_array(z))
     assert arr.shape == ZARR_SHAPE
     assert arr.dtype == z.dtype
     for lo, hi in _zarr_crops(np.random.default_rng(3)):
@@ -607,6 +616,245 @@ def test_direct_zarr_truncated_inner_chunk_is_an_input_error(tmp_path: Path) -> 
     arr = open_array(ArraySource("zarr", str(path)))
     with pytest.raises(InputError, match=r"cannot read crop .*(truncated|corrupt)"):
         arr.read((0, 0, 16), (8, 12, 31))
+
+
+def _assert_same_reader(got: _ZarrChunks | None, expected: _ZarrChunks | None) -> None:
+    assert got is not None and expected is not None
+    assert got._layout == expected._layout
+    assert got._folder == expected._folder
+    assert got.shape == expected.shape
+    assert got.dtype == expected.dtype
+    fills = [np.array(r._fill, r.dtype).tobytes() for r in (got, expected)]
+    assert fills[0] == fills[1]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "dtype", "fill"),
+    [
+        (2, "bool", True),
+        (3, "bool", False),
+        (2, "<f8", float("inf")),
+        (3, "float64", float("-inf")),
+        (3, "float16", 0.5),
+        (2, "<i4", -3),
+        (3, "int64", -(2**62)),
+        (3, "uint64", 2**64 - 1),
+        (2, "|u1", None),
+    ],
+)
+def test_local_zarr_metadata_equals_zarr_python(
+    tmp_path: Path, fmt: int, dtype: str, fill: object
+) -> None:
+    path = tmp_path / "t.zarr"
+    z = zarr.create_array(
+        str(path), shape=(5, 6, 7), chunks=(2, 3, 4), dtype=dtype, fill_value=fill, zarr_format=fmt
+    )
+    z[:2] = np.ones((2, 6, 7), dtype)
+    source = ArraySource("zarr", str(path))
+    _assert_same_reader(_open_local_zarr(source), _ZarrChunks.for_array(z))
+    _assert_same(open_array(source).read((1, 0, 0), (5, 6, 7)), z[1:5])
+
+
+@pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning")
+def test_local_zarr_defers_to_zarr_python(tmp_path: Path) -> None:
+    """Consolidated groups, mixed formats, odd keys: zarr-python opens them (or says why not)."""
+    group = zarr.open_group(str(tmp_path / "c.zarr"), mode="w")
+    level0 = group.create_array("0", shape=(4, 5, 6), chunks=(2, 2, 2), dtype="uint8")
+    level0[...] = 3
+    zarr.consolidate_metadata(str(tmp_path / "c.zarr"))
+    consolidated = ArraySource("zarr", str(tmp_path / "c.zarr"))
+    assert _open_local_zarr(consolidated) is None
+    arr = open_array(consolidated)
+    assert isinstance(arr._backing, _ZarrChunks)  # type: ignore[attr-defined]
+    assert (arr.read((0, 0, 0), (4, 5, 6)) == 3).all()
+    for key in ["0/../0", "./0"]:
+        assert _open_local_zarr(ArraySource("zarr", str(tmp_path / "c.zarr"), key)) is None
+        with pytest.raises(InputError, match="cannot open as zarr"):
+            open_array(ArraySource("zarr", str(tmp_path / "c.zarr"), key))
+    assert _open_local_zarr(ArraySource("zarr", "s3://bucket/tile.zarr")) is None
+    path, _ = _zarr_tile(tmp_path, "v3", zarr_format=3)
+    (path / ".zarray").write_text("{}")
+    assert _open_local_zarr(ArraySource("zarr", str(path))) is None
+
+
+def test_local_zarr_keys_are_normalised(tmp_path: Path) -> None:
+    path, _ = _zarr_tile(tmp_path, "tile", zarr_format=3)
+    for key in ["", "/", "//"]:
+        assert open_array(ArraySource("zarr", str(path), key)).shape == ZARR_SHAPE
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w", zarr_format=2)
+    group.create_array("a/b", shape=(2, 3, 4), dtype="uint16", fill_value=9)
+    for key in ["a/b", "/a//b/", "a\\b"]:
+        arr = open_array(ArraySource("zarr", str(tmp_path / "g.zarr"), key))
+        assert isinstance(arr._backing, _ZarrChunks)  # type: ignore[attr-defined]
+        assert (arr.read((0, 0, 0), (2, 3, 4)) == 9).all()
+
+
+def test_local_zarr_opens_without_importing_zarr_python(tmp_path: Path) -> None:
+    """A fuse job opens and reads local tiles without paying zarr-python's import."""
+    v3, z3 = _zarr_tile(tmp_path, "v3", **_sharded("zstd", "end"))
+    ome = tmp_path / "image.ome.zarr"  # OME-Zarr 0.5: v3 group, multiscales under "ome"
+    group = zarr.open_group(str(ome), mode="w", zarr_format=3)
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"datasets": [{"path": "s0"}]}]}
+    level0 = group.create_array("s0", shape=(1, 1, 9, 10, 11), chunks=(1, 1, 4, 4, 4), dtype="u2")
+    level0[...] = np.arange(990, dtype="u2").reshape(level0.shape)
+    v2 = tmp_path / "v2.zarr"  # a v2 plain group: its array "0"
+    zarr.open_group(str(v2), mode="w", zarr_format=2).create_array(
+        "0", shape=(6, 7, 8), chunks=(3, 3, 3), dtype="f4", fill_value=float("nan")
+    )[:3] = 1.5
+    cases = [
+        (str(v3), z3[...]),
+        (str(ome), level0[0, 0]),
+        (str(v2), zarr.open_array(str(v2 / "0"))[...]),
+    ]
+    code = (
+        "import hashlib, sys\n"
+        "from tilefusion.readers import ArraySource, open_array\n"
+        "for path in sys.argv[1:]:\n"
+        "    arr = open_array(ArraySource('zarr', path))\n"
+        "    print(hashlib.sha256(arr.read((0, 0, 0), arr.shape).tobytes()).hexdigest())\n"
+        "print('zarr' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *(path for path, _ in cases)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    *digests, imported = done.stdout.split()
+    assert digests == [hashlib.sha256(data.tobytes()).hexdigest() for _, data in cases]
+    assert imported == "False"
+
+
+# --- decoded-chunk cache -----------------------------------------------------------
+
+CACHED_LAYOUTS = ["v2-zstd-dot", "v3-raw", "v3-shard-zstd-end", "v3-shard-blosc-start"]
+
+
+def _fuse_like_crops(shape: tuple[int, ...], step: tuple[int, ...]) -> list[tuple[tuple, tuple]]:
+    """Crops at a stride of ``step``, one voxel wider, in C order: overlapping as in fuse jobs."""
+    crops = []
+    for lo in itertools.product(*(range(0, n, s) for n, s in zip(shape, step))):
+        hi = tuple(min(a + s + 1, n) for a, s, n in zip(lo, step, shape))
+        crops.append((lo, hi))
+    return crops
+
+
+def _chunk_bytes(layout: str) -> int:
+    itemsize = np.dtype(DIRECT_LAYOUTS[layout].get("dtype", "uint16")).itemsize
+    return itemsize * int(np.prod(ZARR_CHUNKS))
+
+
+@pytest.mark.parametrize("layout", CACHED_LAYOUTS)
+@pytest.mark.parametrize("chunks_kept", [0, 1, 3, None])
+def test_cached_reads_equal_zarr_python(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str, chunks_kept: int | None
+) -> None:
+    """Random overlapping crops, with caches that evict all the time, or never."""
+    if chunks_kept is not None:
+        monkeypatch.setattr(arrays, "_CHUNK_CACHE_BYTES", chunks_kept * _chunk_bytes(layout))
+    path, z = _zarr_tile(tmp_path, layout, **DIRECT_LAYOUTS[layout])
+    full = z[...]
+    arr = open_array(ArraySource("zarr", str(path)))
+    chunks: _ZarrChunks = arr._backing  # type: ignore[attr-defined]
+    rng = np.random.default_rng(17)
+    crops = _zarr_crops(rng) + _fuse_like_crops(ZARR_SHAPE, (4, 5, 7))
+    for i in rng.permutation(len(crops * 2)):
+        (a, b, c), (d, e, f) = (crops * 2)[i]
+        _assert_same(arr.read((a, b, c), (d, e, f)), full[a:d, b:e, c:f])
+        assert chunks.cache.nbytes <= chunks.cache.limit
+    assert (chunks.cache.hits > 0) == (chunks_kept != 0)
+
+
+@pytest.mark.parametrize("layout", CACHED_LAYOUTS)
+def test_cache_decodes_overlapping_crops_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    path, _ = _zarr_tile(tmp_path, layout, **DIRECT_LAYOUTS[layout])
+    source = ArraySource("zarr", str(path))
+    whole = open_array(source)
+    whole.read((0, 0, 0), ZARR_SHAPE)
+    written = whole._backing.decodes  # type: ignore[attr-defined]  # each stored chunk once
+    # Each crop reaches one voxel into the next chunk on every axis, as a
+    # fuse job's crops do: uncached, most chunks decode up to 8 times.
+    crops = _fuse_like_crops(ZARR_SHAPE, ZARR_CHUNKS)
+    decodes = {}
+    for kept in (0, 2**30):
+        monkeypatch.setattr(arrays, "_CHUNK_CACHE_BYTES", kept)
+        arr = open_array(source)
+        for lo, hi in crops * 2:
+            arr.read(lo, hi)
+        decodes[kept] = arr._backing.decodes  # type: ignore[attr-defined]
+    assert decodes[2**30] == written
+    assert decodes[0] > 2 * 3 * written
+
+
+@pytest.mark.parametrize("layout", CACHED_LAYOUTS)
+@pytest.mark.parametrize("chunks_kept", [2, None])
+def test_cached_concurrent_reads_equal_serial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str, chunks_kept: int | None
+) -> None:
+    """Threads reading the same crops at once get serial reads' bytes; a chunk decodes once."""
+    if chunks_kept is not None:
+        monkeypatch.setattr(arrays, "_CHUNK_CACHE_BYTES", chunks_kept * _chunk_bytes(layout))
+    path, _ = _zarr_tile(tmp_path, layout, **DIRECT_LAYOUTS[layout])
+    source = ArraySource("zarr", str(path))
+    crops = _fuse_like_crops(ZARR_SHAPE, (4, 5, 7)) + _zarr_crops(np.random.default_rng(5))
+    serial_arr = open_array(source)
+    serial = [serial_arr.read(lo, hi) for lo, hi in crops]
+    arr = open_array(source)
+    threads = 6
+    start = threading.Barrier(threads)
+
+    def read(seed: int) -> bool:
+        order = np.random.default_rng(seed).permutation(len(crops))
+        start.wait()  # all at once, to meet on the same chunks
+        return all(np.array_equal(arr.read(*crops[i]), serial[i]) for i in order)
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        assert all(pool.map(read, range(threads)))
+    chunks: _ZarrChunks = arr._backing  # type: ignore[attr-defined]
+    assert chunks.cache.nbytes <= chunks.cache.limit
+    if chunks_kept is None:
+        # Everything fits: threads that meet on a chunk wait for one decode.
+        assert chunks.decodes == serial_arr._backing.decodes  # type: ignore[attr-defined]
+
+
+def test_cached_chunks_cannot_be_changed_through_reads(tmp_path: Path) -> None:
+    path, z = _zarr_tile(tmp_path, "v3", **DIRECT_LAYOUTS["v3-zstd"])
+    arr = open_array(ArraySource("zarr", str(path)))
+    first = arr.read((12, 0, 0), (16, 6, 8))  # exactly one chunk, now cached
+    assert first.flags.writeable
+    first[...] = 0
+    _assert_same(arr.read((12, 0, 0), (16, 6, 8)), z[12:16, 0:6, 0:8])
+    cache: _ChunkCache = arr._backing.cache  # type: ignore[attr-defined]
+    assert cache.nbytes > 0
+    assert not any(entry.flags.writeable for entry in cache._entries.values())
+
+
+def test_chunk_cache_is_a_byte_bounded_lru() -> None:
+    cache = _ChunkCache(300)
+    arrays_ = {k: np.full(100, i, np.uint8) for i, k in enumerate("abcd")}
+    for key in "abc":
+        cache.put(key, arrays_[key])
+    assert cache.get_or_load("a", lambda: None) is arrays_["a"]  # now most recent
+    cache.put("d", arrays_["d"])  # evicts "b", the least recently used
+    assert list(cache._entries) == ["c", "a", "d"]
+    assert cache.nbytes == 300
+    cache.put("big", np.zeros(301, np.uint8))  # larger than the bound: not kept
+    assert "big" not in cache._entries
+    with pytest.raises(ValueError, match="read-only"):
+        cache._entries["a"][0] = 1
+    loads: list[str] = []
+
+    def load() -> np.ndarray:
+        loads.append("e")
+        return np.zeros(10, np.uint8)
+
+    assert cache.get_or_load("e", load) is cache.get_or_load("e", load)
+    assert loads == ["e"]
+    off = _ChunkCache(0)
+    off.put("a", arrays_["a"])
+    assert off.nbytes == 0 and off.get_or_load("a", lambda: None) is None
 
 
 # --- real data ------------------------------------------------------------------

@@ -7,16 +7,19 @@ the requested crop from disk. Opening reads metadata only.
 Backends
 --------
 zarr
-    Zarr v2 and v3, read-only; zarr-python opens the array and reads its
-    metadata. A path (or key) naming an OME-Zarr multiscale group resolves to
-    its first dataset (level 0); a plain group resolves to its array ``"0"``.
-    Arrays in a local folder with a plain layout are then read chunk by chunk
-    here (numcodecs decodes), bypassing zarr-python's event loop: v2 with a
+    Zarr v2 and v3, read-only. A path (or key) naming an OME-Zarr multiscale
+    group resolves to its first dataset (level 0); a plain group resolves to
+    its array ``"0"``. Arrays in a local folder with a plain layout are opened
+    from their JSON metadata and read chunk by chunk here (numcodecs decodes),
+    without importing zarr-python or running its event loop: v2 with a
     ``zstd``, ``blosc``, ``gzip``, ``lz4`` or no compressor, no filters and C
     order; v3 with ``bytes`` and at most one ``zstd``, ``blosc`` or ``gzip``
     codec, optionally inside ``sharding_indexed`` (only the inner chunks a crop
-    needs are read). Every other array (remote stores, other codecs,
-    transposes, filters) is read through zarr-python.
+    needs are read); numeric pixel types. Each opened array keeps up to
+    64 MiB of decoded chunks (an LRU cache), so overlapping crops decode a
+    chunk about once. Every other array (remote stores, other codecs,
+    transposes, filters, consolidated groups) and every error goes through
+    zarr-python.
 n5
     A small reader written here (zarr-python 3 has no N5 support):
     ``attributes.json`` gives ``dimensions`` and ``blockSize`` in **xyz**
@@ -43,6 +46,7 @@ OME-Zarr tile) and are dropped; a 2D array is read as one z plane.
 from __future__ import annotations
 
 import bz2
+import functools
 import gzip
 import itertools
 import json
@@ -52,8 +56,10 @@ import operator
 import os
 import re
 import struct
+import threading
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, runtime_checkable
@@ -278,6 +284,11 @@ def _open_memory(source: ArraySource) -> TileArray:
 
 
 def _open_zarr(source: ArraySource) -> TileArray:
+    where = (source.path, _field(source))
+    chunks = _open_local_zarr(source)
+    if chunks is not None:
+        template = _spatial_template(chunks.shape, source=source.path, field=_field(source))
+        return _IndexedArray(chunks, template, chunks.dtype, where=where, fresh_reads=True)
     import zarr
 
     try:
@@ -289,26 +300,34 @@ def _open_zarr(source: ArraySource) -> TileArray:
     if isinstance(node, zarr.Group):
         node = _zarr_level0(node, source)
     template = _spatial_template(node.shape, source=source.path, field=_field(source))
-    where = (source.path, _field(source))
-    chunks = _ZarrChunks.for_array(node)
-    if chunks is not None:
-        return _IndexedArray(chunks, template, chunks.dtype, where=where, fresh_reads=True)
+    direct = _ZarrChunks.for_array(node)
+    if direct is not None:
+        return _IndexedArray(direct, template, direct.dtype, where=where, fresh_reads=True)
     return _IndexedArray(node, template, np.dtype(node.dtype), where=where)
+
+
+def _level0_name(attrs: Any) -> str | None:
+    """The array a group with attributes ``attrs`` resolves to; ``None`` if none is named.
+
+    An OME-Zarr multiscales group (0.4, or 0.5 under ``"ome"``) names its
+    first dataset; a plain group resolves to ``"0"``.
+    """
+    attrs = dict(attrs)
+    multiscales = attrs.get("multiscales") or dict(attrs.get("ome") or {}).get("multiscales")
+    if not multiscales:
+        return "0"
+    try:
+        return str(multiscales[0]["datasets"][0]["path"])
+    except (KeyError, IndexError, TypeError):
+        return None
 
 
 def _zarr_level0(group: Any, source: ArraySource) -> Any:
     import zarr
 
-    attrs = dict(group.attrs)
-    multiscales = attrs.get("multiscales") or dict(attrs.get("ome") or {}).get("multiscales")
-    name = "0"
-    if multiscales:
-        try:
-            name = str(multiscales[0]["datasets"][0]["path"])
-        except (KeyError, IndexError, TypeError):
-            raise InputError(
-                source.path, "multiscales", "OME-Zarr multiscales lists no datasets"
-            ) from None
+    name = _level0_name(group.attrs)
+    if name is None:
+        raise InputError(source.path, "multiscales", "OME-Zarr multiscales lists no datasets")
     try:
         node = group[name]
     except KeyError:
@@ -318,6 +337,174 @@ def _zarr_level0(group: Any, source: ArraySource) -> Any:
     if not isinstance(node, zarr.Array):
         raise InputError(source.path, _field(source), f"zarr node {name!r} is not an array")
     return node
+
+
+# ---------------------------------------------------------------------------
+# zarr: local metadata without zarr-python
+
+
+class _ZarrPythonDecides(Exception):
+    """The local metadata reader leaves this node to zarr-python."""
+
+
+def _open_local_zarr(source: ArraySource) -> _ZarrChunks | None:
+    """The direct reader of a local Zarr node, resolved from its JSON metadata files.
+
+    Importing zarr-python costs a fresh process about 0.3 s, which every fuse
+    job would pay only to read a few small JSON files. The node resolves as
+    :func:`_open_zarr` resolves it through zarr-python (an array; an OME-Zarr
+    multiscales group's first dataset; a plain group's array ``"0"``).
+
+    Returns
+    -------
+    _ZarrChunks or None
+        ``None`` leaves the node to zarr-python: remote stores, anything
+        missing or malformed (so errors keep zarr-python's outcome and
+        wording), groups with consolidated metadata (zarr-python looks their
+        children up there), folders holding both v2 and v3 metadata, data
+        types and fill values beyond plain numbers, and layouts that
+        :class:`_ZarrChunks` does not read.
+    """
+    if "://" in source.path or "::" in source.path:
+        return None  # an fsspec URL, as zarr-python tells them from local paths
+    try:
+        folder = Path(source.path).joinpath(*_zarr_path(source.key))
+        fmt, kind, meta = _zarr_node(folder, None)
+        if kind == "group":
+            if meta.get("consolidated_metadata") is not None or (
+                fmt == 2 and (folder / ".zmetadata").exists()
+            ):
+                raise _ZarrPythonDecides
+            name = _level0_name(meta.get("attributes") or {})
+            parts = _zarr_path(name) if name is not None else []
+            if not parts or "/".join(parts) != name:
+                raise _ZarrPythonDecides
+            folder = folder.joinpath(*parts)
+            _, kind, meta = _zarr_node(folder, fmt)
+            if kind != "array":
+                raise _ZarrPythonDecides
+        return _ZarrChunks.from_metadata(folder, meta)
+    except Exception:
+        # _ZarrPythonDecides, and whatever odd metadata raises here: zarr-python
+        # then opens the node or reports what is wrong with it.
+        return None
+
+
+def _zarr_path(key: str) -> list[str]:
+    """The folders of a key inside a store, normalised as zarr-python does."""
+    parts = [p for p in key.replace("\\", "/").split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise _ZarrPythonDecides  # zarr-python refuses these
+    return parts
+
+
+def _zarr_node(folder: Path, zarr_format: int | None) -> tuple[int, str, dict[str, Any]]:
+    """``(format, "array" or "group", metadata)`` of the Zarr node in ``folder``.
+
+    ``zarr_format`` ``None`` looks for either format (v3 first), as
+    :func:`zarr.open` does; a group's children have the group's format. The
+    v2 metadata gets the ``.zattrs`` object as ``"attributes"``, as in v3.
+    """
+    v3 = _json_object(folder / "zarr.json") if zarr_format != 2 else None
+    if v3 is not None:
+        kind = v3.get("node_type")
+        if (
+            v3.get("zarr_format") != 3
+            or kind not in ("array", "group")
+            # zarr-python warns, then reads the v3 node; let it.
+            or (zarr_format is None and any((folder / n).exists() for n in (".zarray", ".zgroup")))
+        ):
+            raise _ZarrPythonDecides
+        return 3, kind, v3
+    if zarr_format == 3:
+        raise _ZarrPythonDecides
+    attrs = _json_object(folder / ".zattrs")
+    for kind, name in (("array", ".zarray"), ("group", ".zgroup")):
+        meta = _json_object(folder / name)
+        if meta is not None:
+            if meta.get("zarr_format") != 2 or "attributes" in meta:
+                raise _ZarrPythonDecides
+            return 2, kind, {**meta, "attributes": {} if attrs is None else attrs}
+    raise _ZarrPythonDecides
+
+
+def _json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; ``None`` if there is no such file."""
+    try:
+        raw = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    out = json.loads(raw)
+    if not isinstance(out, dict):
+        raise _ZarrPythonDecides
+    return out
+
+
+_V2_REQUIRED = frozenset(
+    {"zarr_format", "shape", "chunks", "dtype", "compressor", "fill_value", "order", "filters"}
+)
+_V2_KEYS = _V2_REQUIRED | {"dimension_separator", "attributes"}
+_V3_REQUIRED = frozenset(
+    {
+        "zarr_format",
+        "node_type",
+        "shape",
+        "data_type",
+        "chunk_grid",
+        "chunk_key_encoding",
+        "fill_value",
+        "codecs",
+    }
+)
+_V3_KEYS = _V3_REQUIRED | {"attributes", "dimension_names", "storage_transformers"}
+_V3_DTYPES = frozenset(
+    {"bool", "float16", "float32", "float64"}
+    | {f"{s}int{n}" for s in ("", "u") for n in (8, 16, 32, 64)}
+)
+_FLOAT_WORDS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _zarr_dtype(meta: dict[str, Any]) -> np.dtype[Any]:
+    """The pixel type zarr-python gives the array with metadata ``meta`` (numbers only)."""
+    if meta["zarr_format"] == 2:
+        name = meta["dtype"]
+        dtype = np.dtype(name) if isinstance(name, str) else None
+        # zarr-python takes byte order marked names ("<u2", "|u1") only.
+        if dtype is None or dtype.str != name:
+            raise _ZarrPythonDecides
+    else:
+        name = meta["data_type"]
+        if name not in _V3_DTYPES:
+            raise _ZarrPythonDecides
+        # zarr-python gives v3 arrays little-endian types, whatever the codecs say.
+        dtype = np.dtype(name).newbyteorder("<")
+    if dtype.kind not in "biuf" or dtype.fields is not None or dtype.shape:
+        raise _ZarrPythonDecides
+    return dtype
+
+
+def _zarr_fill(value: Any, dtype: np.dtype[Any], *, zarr_format: int) -> Any:
+    """The fill value of JSON ``value`` as zarr-python reads it (plain numbers only)."""
+    kind = dtype.kind
+    if value is None and zarr_format == 2:
+        return np.zeros((), dtype)[()]  # v2 "null": zarr-python reads zeros
+    if kind == "b" and isinstance(value, bool):
+        return dtype.type(value)
+    if isinstance(value, bool):
+        raise _ZarrPythonDecides
+    if kind in "iu" and isinstance(value, int):
+        info = np.iinfo(dtype)
+        if info.min <= value <= info.max:
+            return dtype.type(value)
+    if kind == "f" and isinstance(value, int | float):
+        return dtype.type(value)
+    if kind == "f" and isinstance(value, str) and value in _FLOAT_WORDS:
+        return dtype.type(_FLOAT_WORDS[value])
+    raise _ZarrPythonDecides
+
+
+# ---------------------------------------------------------------------------
+# zarr: the direct chunk reader
 
 
 # Compressors the direct reader decodes with numcodecs. They all describe
@@ -359,15 +546,183 @@ class _ZarrLayout:
     index_crc: bool = True
 
 
+_CHUNK_CACHE_BYTES = 64 * 2**20
+"""Default bound, in bytes, of one opened Zarr array's cache of decoded chunks.
+
+A fuse job keeps one array open per tile for the whole job, so this bound
+is per tile. Crops of neighbouring 32 x 256 x 256 output shards in C order
+reuse chunks of 32 x 128 x 128 uint16 (1 MiB each, 18 per crop) across x
+and y within 64 MiB in tiles up to about 1024 x 1024 voxels across; reuse
+across z layers of shards would need a tile's two chunk layers (128 MiB
+there), too much to hold for every open tile.
+"""
+
+
+class _ChunkCache:
+    """A thread-safe LRU of decoded chunks, bounded by their bytes.
+
+    Entries are read-only arrays, shared by every reader; readers copy out
+    of them. :meth:`get_or_load` and :meth:`claim` let the first thread that
+    misses a key load it while others asking for that key wait for it
+    instead of decoding it again; nothing is loaded under the lock.
+
+    Parameters
+    ----------
+    limit : int
+        Most bytes held; an array larger than that is never kept, and ``0``
+        keeps nothing (every request loads).
+
+    Attributes
+    ----------
+    hits, misses : int
+        Requests answered from the cache, and loads started.
+    nbytes : int
+        Bytes held now.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(0, int(limit))
+        self.hits = 0
+        self.misses = 0
+        self.nbytes = 0
+        self._entries: OrderedDict[Hashable, NDArray[Any]] = OrderedDict()
+        self._pending: dict[Hashable, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def get_or_load(
+        self, key: Hashable, load: Callable[[], NDArray[Any] | None]
+    ) -> NDArray[Any] | None:
+        """The entry ``key``, else ``load()`` (kept unless ``None``) once for all askers."""
+        if self.limit == 0:
+            return load()
+        while True:
+            with self._lock:
+                hit = self._hit(key)
+                if hit is not None:
+                    return hit
+                event = self._pending.get(key)
+                if event is None:
+                    claimed = {key: threading.Event()}
+                    self._pending.update(claimed)
+                    self.misses += 1
+                    break
+            # Another thread loads it; afterwards it is usually here. If not
+            # (evicted, absent, or the load failed), this thread loads it.
+            event.wait()
+        try:
+            value = load()
+            if value is not None:
+                self.put(key, value)
+        finally:
+            self.release(claimed)
+        return value
+
+    def claim(
+        self, keys: Iterable[Hashable]
+    ) -> tuple[dict[Hashable, NDArray[Any]], dict[Hashable, threading.Event], list[Hashable]]:
+        """Sort ``keys`` into cached entries, keys to load, and keys others load.
+
+        Returns
+        -------
+        found : dict
+            Key to cached array.
+        mine : dict
+            Keys the caller now loads: it keeps what it loaded with
+            :meth:`put`, and must :meth:`release` them all (also on errors)
+            **before** it waits for any other key, or threads could wait on
+            each other.
+        theirs : list
+            Keys other threads are loading; ask for them with
+            :meth:`get_or_load` after releasing ``mine``.
+        """
+        found: dict[Hashable, NDArray[Any]] = {}
+        mine: dict[Hashable, threading.Event] = {}
+        theirs: list[Hashable] = []
+        if self.limit == 0:
+            # Not registered: with nothing kept, waiting for another load gains nothing.
+            return found, {key: threading.Event() for key in keys}, theirs
+        with self._lock:
+            for key in keys:
+                hit = self._hit(key)
+                if hit is not None:
+                    found[key] = hit
+                elif key in self._pending:
+                    theirs.append(key)
+                else:
+                    mine[key] = self._pending[key] = threading.Event()
+                    self.misses += 1
+        return found, mine, theirs
+
+    def put(self, key: Hashable, value: NDArray[Any]) -> None:
+        """Keep ``value`` (made read-only) under ``key``, evicting the least recently used."""
+        if value.nbytes > self.limit:
+            return
+        value.flags.writeable = False
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.nbytes -= old.nbytes
+            self._entries[key] = value
+            self.nbytes += value.nbytes
+            while self.nbytes > self.limit:
+                _, dropped = self._entries.popitem(last=False)
+                self.nbytes -= dropped.nbytes
+
+    def release(self, claimed: dict[Hashable, threading.Event]) -> None:
+        """End the loads of ``claimed`` (from :meth:`claim`) and wake their waiters; empties it."""
+        with self._lock:
+            for key, event in claimed.items():
+                if self._pending.get(key) is event:
+                    del self._pending[key]
+        for event in claimed.values():
+            event.set()
+        claimed.clear()
+
+    def _hit(self, key: Hashable) -> NDArray[Any] | None:
+        hit = self._entries.get(key)
+        if hit is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+        return hit
+
+
 class _ZarrChunks:
     """One Zarr array in a local folder, read chunk by chunk without zarr-python.
 
     zarr-python 3 runs every read through its event loop with a task per
     chunk and codec, and its threads contend for locks; for plain
-    layouts (:meth:`for_array`) the chunk files are read and decoded here.
-    Indexing with one ``int`` or step-1 ``slice`` per axis returns a new
-    array equal to zarr-python's; absent chunks read as the fill value. No
-    state changes after construction, so threads may read concurrently.
+    layouts (:meth:`from_metadata`, :meth:`for_array`) the chunk files are
+    read and decoded here. Indexing with one ``int`` or step-1 ``slice`` per
+    axis returns a new array equal to zarr-python's; absent chunks read as
+    the fill value. Threads may read concurrently.
+
+    Decoded chunks (and shard indices) are kept in an LRU cache
+    (:class:`_ChunkCache`): overlapping crops, such as those of neighbouring
+    output shards, then decode each chunk about once instead of once per
+    crop. The cache is the memory bound: at most ``cache_bytes`` of decoded
+    chunks per opened array (default :data:`_CHUNK_CACHE_BYTES`, 64 MiB),
+    on top of the crops handed out; a process holding ``n`` arrays open may
+    hold ``n * cache_bytes``. ``cache_bytes=0`` keeps nothing.
+
+    Parameters
+    ----------
+    folder : Path
+        The array's folder.
+    layout : _ZarrLayout
+        How its chunks are stored.
+    shape : sequence of int
+        Array shape.
+    dtype : numpy.dtype
+        Pixel type of the reads (zarr-python's).
+    fill_value : scalar
+        Value of absent chunks.
+    cache_bytes : int, optional
+        Bound of the decoded-chunk cache; :data:`_CHUNK_CACHE_BYTES` if ``None``.
+
+    Attributes
+    ----------
+    cache : _ChunkCache
+        The decoded-chunk cache (its counters tell hits from loads).
     """
 
     def __init__(
@@ -378,6 +733,7 @@ class _ZarrChunks:
         shape: Sequence[int],
         dtype: np.dtype[Any],
         fill_value: Any,
+        cache_bytes: int | None = None,
     ) -> None:
         self._folder = folder
         self._layout = layout
@@ -387,6 +743,60 @@ class _ZarrChunks:
         shard = layout.shard or layout.chunks
         self._per_shard = tuple(s // c for s, c in zip(shard, layout.chunks, strict=True))
         self._index_size = 16 * math.prod(self._per_shard) + (4 if layout.index_crc else 0)
+        self.cache = _ChunkCache(_CHUNK_CACHE_BYTES if cache_bytes is None else cache_bytes)
+        self._decodes = 0
+        self._count_lock = threading.Lock()
+
+    @property
+    def decodes(self) -> int:
+        """Chunks decoded so far (a count for tests and benchmarks)."""
+        return self._decodes
+
+    @classmethod
+    def from_metadata(
+        cls, folder: Path, meta: dict[str, Any], *, cache_bytes: int | None = None
+    ) -> _ZarrChunks:
+        """The direct reader of the array in ``folder`` with metadata ``meta``.
+
+        Parameters
+        ----------
+        folder : Path
+            The array's folder.
+        meta : dict
+            The ``zarr.json`` object, or the ``.zarray`` one with the
+            ``.zattrs`` object as ``"attributes"``.
+        cache_bytes : int, optional
+            Bound of the decoded-chunk cache (see the class).
+
+        Raises
+        ------
+        _ZarrPythonDecides
+            If the metadata is not of a plain numeric array with a layout
+            read here (zarr-python then reads it, or says what is wrong).
+        """
+        fmt = meta.get("zarr_format")
+        required, allowed = (_V2_REQUIRED, _V2_KEYS) if fmt == 2 else (_V3_REQUIRED, _V3_KEYS)
+        if fmt not in (2, 3) or not required <= meta.keys() <= allowed:
+            raise _ZarrPythonDecides
+        shape = meta["shape"]
+        if (
+            not isinstance(shape, list)
+            or not shape
+            or any(type(n) is not int or n < 0 for n in shape)
+        ):
+            raise _ZarrPythonDecides
+        dtype = _zarr_dtype(meta)
+        fill = _zarr_fill(meta["fill_value"], dtype, zarr_format=fmt)
+        layout = _v2_layout(meta, dtype) if fmt == 2 else _v3_layout(meta, dtype)
+        if (
+            layout is None
+            or len(layout.chunks) != len(shape)
+            or any(n < 1 for n in (*layout.chunks, *(layout.shard or ())))
+        ):
+            raise _ZarrPythonDecides
+        return cls(
+            folder, layout, shape=shape, dtype=dtype, fill_value=fill, cache_bytes=cache_bytes
+        )
 
     @classmethod
     def for_array(cls, node: Any) -> _ZarrChunks | None:
@@ -450,59 +860,116 @@ class _ZarrChunks:
 
     def _read_chunks(self, out: NDArray[Any], starts: Sequence[int], stops: Sequence[int]) -> None:
         for coords, dst, src in _grid_blocks(starts, stops, self._layout.chunks):
-            key = self._key(coords)
-            try:
-                raw = (self._folder / key).read_bytes()
-            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-                # zarr-python's local store answers these as "no such chunk".
-                out[dst] = self._fill
-                continue
-            out[dst] = self._decode(raw, key)[src]
+            chunk = self.cache.get_or_load(coords, functools.partial(self._load_chunk, coords))
+            out[dst] = self._fill if chunk is None else chunk[src]
+
+    def _load_chunk(self, coords: tuple[int, ...]) -> NDArray[Any] | None:
+        """The decoded chunk ``coords``; ``None`` if it was never written."""
+        key = self._key(coords)
+        try:
+            raw = (self._folder / key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            # zarr-python's local store answers these as "no such chunk".
+            return None
+        return self._decode(raw, key)
 
     def _read_shards(self, out: NDArray[Any], starts: Sequence[int], stops: Sequence[int]) -> None:
         assert self._layout.shard is not None
         for coords, dst, src in _grid_blocks(starts, stops, self._layout.shard):
-            key = self._key(coords)
-            try:
-                fh = (self._folder / key).open("rb")
-            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-                out[dst] = self._fill
-                continue
-            with fh:
-                self._read_shard(out[dst], fh, key, [s.start for s in src], [s.stop for s in src])
+            self._read_shard(out[dst], coords, [s.start for s in src], [s.stop for s in src])
 
     def _read_shard(
-        self, out: NDArray[Any], fh: BinaryIO, key: str, starts: list[int], stops: list[int]
+        self, out: NDArray[Any], coords: tuple[int, ...], starts: list[int], stops: list[int]
     ) -> None:
-        """Fill ``out`` with the shard-local box ``[starts, stops)`` of open shard ``fh``."""
-        index = self._shard_index(fh, key)
-        wanted: list[tuple[int, int, str, tuple[slice, ...], tuple[slice, ...]]] = []
-        for coords, dst, src in _grid_blocks(starts, stops, self._layout.chunks):
-            offset, nbytes = (int(v) for v in index[coords])
-            if offset == _EMPTY_CHUNK and nbytes == _EMPTY_CHUNK:
-                out[dst] = self._fill
-                continue
-            name = f"{key}[{','.join(str(c) for c in coords)}]"
-            wanted.append((offset, nbytes, name, dst, src))
-        # One read per run of inner chunks that lie back to back in the file
-        # (zarr-python writes them in C order): fewer system calls, and far
-        # fewer round trips on network file systems.
-        wanted.sort(key=lambda w: w[0])
-        start = 0
-        while start < len(wanted):
-            end = start + 1
-            while end < len(wanted) and wanted[end][0] == wanted[end - 1][0] + wanted[end - 1][1]:
-                end += 1
-            first = wanted[start][0]
-            size = wanted[end - 1][0] + wanted[end - 1][1] - first
-            fh.seek(first)
-            raw = fh.read(size)
-            if len(raw) != size:
-                raise ValueError(f"shard {key} is truncated")
-            view = memoryview(raw)
-            for offset, nbytes, name, dst, src in wanted[start:end]:
-                out[dst] = self._decode(view[offset - first : offset - first + nbytes], name)[src]
-            start = end
+        """Fill ``out`` with the shard-local box ``[starts, stops)`` of shard ``coords``."""
+        origin = [c * n for c, n in zip(coords, self._per_shard, strict=True)]
+        # Cache keys are inner chunk indices in the whole array's grid.
+        blocks: dict[Hashable, tuple[tuple[int, ...], tuple[slice, ...], tuple[slice, ...]]] = {
+            tuple(o + i for o, i in zip(origin, inner, strict=True)): (inner, dst, src)
+            for inner, dst, src in _grid_blocks(starts, stops, self._layout.chunks)
+        }
+        found, mine, theirs = self.cache.claim(blocks)
+        try:
+            for key, chunk in found.items():
+                _, dst, src = blocks[key]
+                out[dst] = chunk[src]
+            if mine or theirs:
+                self._load_shard(out, coords, blocks, mine, theirs)
+        finally:
+            self.cache.release(mine)
+
+    def _load_shard(
+        self,
+        out: NDArray[Any],
+        coords: tuple[int, ...],
+        blocks: dict[Hashable, tuple[tuple[int, ...], tuple[slice, ...], tuple[slice, ...]]],
+        mine: dict[Hashable, threading.Event],
+        theirs: list[Hashable],
+    ) -> None:
+        """Read the inner chunks ``mine`` and ``theirs`` (see :meth:`_ChunkCache.claim`)."""
+        key = self._key(coords)
+        try:
+            fh = (self._folder / key).open("rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            for chunk_key in (*mine, *theirs):
+                out[blocks[chunk_key][1]] = self._fill
+            return
+        with fh:
+            index = self.cache.get_or_load(
+                ("index", *coords), functools.partial(self._shard_index, fh, key)
+            )
+            assert index is not None
+            wanted: list[tuple[int, int, Hashable]] = []
+            for chunk_key in mine:
+                inner, dst, _ = blocks[chunk_key]
+                offset, nbytes = (int(v) for v in index[inner])
+                if offset == _EMPTY_CHUNK and nbytes == _EMPTY_CHUNK:
+                    out[dst] = self._fill
+                else:
+                    wanted.append((offset, nbytes, chunk_key))
+            # One read per run of inner chunks that lie back to back in the
+            # file (zarr-python writes them in C order): fewer system calls,
+            # and far fewer round trips on network file systems.
+            wanted.sort(key=lambda w: w[0])
+            start = 0
+            while start < len(wanted):
+                end = start + 1
+                while end < len(wanted) and wanted[end][0] == sum(wanted[end - 1][:2]):
+                    end += 1
+                first = wanted[start][0]
+                raw = self._read_exactly(fh, key, first, sum(wanted[end - 1][:2]) - first)
+                for offset, nbytes, chunk_key in wanted[start:end]:
+                    inner, dst, src = blocks[chunk_key]
+                    name = f"{key}[{','.join(str(c) for c in inner)}]"
+                    chunk = self._decode(raw[offset - first : offset - first + nbytes], name)
+                    self.cache.put(chunk_key, chunk)
+                    out[dst] = chunk[src]
+                start = end
+            # Wake the threads waiting for these before waiting for any.
+            self.cache.release(mine)
+            for chunk_key in theirs:
+                inner, dst, src = blocks[chunk_key]
+                load = functools.partial(self._load_inner, fh, key, index, inner)
+                loaded = self.cache.get_or_load(chunk_key, load)
+                out[dst] = self._fill if loaded is None else loaded[src]
+
+    def _load_inner(
+        self, fh: BinaryIO, key: str, index: NDArray[np.uint64], inner: tuple[int, ...]
+    ) -> NDArray[Any] | None:
+        """Inner chunk ``inner`` of open shard ``fh``; ``None`` if it was never written."""
+        offset, nbytes = (int(v) for v in index[inner])
+        if offset == _EMPTY_CHUNK and nbytes == _EMPTY_CHUNK:
+            return None
+        raw = self._read_exactly(fh, key, offset, nbytes)
+        return self._decode(raw, f"{key}[{','.join(str(c) for c in inner)}]")
+
+    @staticmethod
+    def _read_exactly(fh: BinaryIO, key: str, offset: int, size: int) -> memoryview:
+        fh.seek(offset)
+        raw = fh.read(size)
+        if len(raw) != size:
+            raise ValueError(f"shard {key} is truncated")
+        return memoryview(raw)
 
     def _shard_index(self, fh: BinaryIO, key: str) -> NDArray[np.uint64]:
         """The ``(chunks per shard..., 2)`` table of (offset, length) of open shard ``fh``."""
@@ -512,6 +979,8 @@ class _ZarrChunks:
             if total < size:
                 raise ValueError(f"shard {key} is shorter than its index")
             fh.seek(total - size)
+        else:
+            fh.seek(0)
         raw = fh.read(size)
         if len(raw) != size:
             raise ValueError(f"shard {key} is shorter than its index")
@@ -526,13 +995,20 @@ class _ZarrChunks:
         return np.frombuffer(body, "<u8").reshape((*self._per_shard, 2))
 
     def _decode(self, raw: bytes | memoryview, name: str) -> NDArray[Any]:
+        """Chunk ``name`` from its stored bytes: a read-only array of the chunk shape."""
+        with self._count_lock:
+            self._decodes += 1
         codec = self._layout.codec
         try:
-            data = raw if codec is None else codec.decode(raw)
-            return np.frombuffer(data, self._layout.stored).reshape(self._layout.chunks)
+            # Raw bytes are copied out of the run they were read with, so a
+            # cached chunk holds its own bytes and not the whole run's.
+            data = bytes(raw) if codec is None else codec.decode(raw)
+            out = np.frombuffer(data, self._layout.stored).reshape(self._layout.chunks)
         except Exception as exc:
             # numcodecs raises assorted types for damaged input; name the chunk.
             raise ValueError(f"chunk {name} is corrupt: {exc}") from exc
+        out.flags.writeable = False
+        return out
 
 
 def _grid_blocks(
