@@ -17,6 +17,9 @@ Methods (output: uint16, zstd level 1, chunks 64 x 128 x 128):
   dask threads.
 - ``seed method``: per output chunk, a full meshgrid of voxel centres, a
   matrix product, ``torch.nn.functional.grid_sample``, max blend.
+- ``Rhapso`` (optional, ``--rhapso-python``): Rhapso's affine fusion (Ray,
+  scipy ``map_coordinates`` per block) through ``benchmarks/peer_rhapso.py`` in
+  Rhapso's own virtual environment; affine case only (it fuses isotropically).
 - floors: reading and decoding the tiles alone; encoding and writing the
   output alone (zarr-python, and bare numcodecs encoding).
 
@@ -106,11 +109,15 @@ def _grid(plan_path: Path) -> dict[str, Any]:
 
 
 def _truth_error(array: Any, grid: dict[str, Any], n: int = 20000) -> dict[str, float]:
-    """Compare stored voxels with the analytic sample where the output has data."""
+    """Compare stored voxels with the analytic sample where the output has data.
+
+    ``array`` may carry leading axes of length 1 (a 5D t, c, z, y, x output).
+    """
     rng = np.random.default_rng(5)
     shape = np.array(grid["shape"])
     idx = (rng.random((n, 3)) * shape).astype(int)
-    values = np.array(array.get_coordinate_selection(tuple(idx.T)), dtype=np.float64)
+    leading = tuple(np.zeros(n, dtype=int) for _ in range(array.ndim - 3))
+    values = np.array(array.get_coordinate_selection(leading + tuple(idx.T)), dtype=np.float64)
     keep = values > 0
     phys = np.array(grid["origin"]) + idx[keep] * np.array(grid["scale"])
     truth = sample(phys)
@@ -451,6 +458,28 @@ def _workflow(xml: Path, work: Path, kind: str, cores: int) -> dict[str, Any]:
     return {"seconds": wall, "rss_mb": rss}
 
 
+def _rhapso(python: str, xml: Path, out: Path, cores: int) -> dict[str, Any]:
+    """Rhapso's affine fusion in its own interpreter; its grid is its own."""
+    import zarr
+
+    script = HERE / "peer_rhapso.py"
+    args = [python, str(script), "--xml", str(xml), "--out", str(out), "--cores", str(cores)]
+    try:
+        _, _, text = _run_child(args)
+    except (RuntimeError, OSError) as exc:
+        return {"error": str(exc)[-500:]}
+    res = json.loads(text.strip().splitlines()[-1])
+    return {
+        "seconds": res["seconds"],
+        # Ray's processes together; the child's own ru_maxrss misses them.
+        "rss_mb": res["peak_rss_mb_tree"],
+        "out_voxels": res["out_voxels"],
+        "grid": res["grid"],
+        "ray_start_seconds": res["ray_start_seconds"],
+        "truth": _truth_error(zarr.open_array(res["output"], mode="r"), res["grid"]),
+    }
+
+
 def _machine() -> str:
     model = platform.processor() or "unknown CPU"
     try:
@@ -585,6 +614,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
             except (RuntimeError, ImportError) as exc:
                 case["multiview-stitcher"] = {"error": str(exc)[-500:]}
+        if args.rhapso_python and kind == "affine":
+            print(f"== {kind}: Rhapso", flush=True)
+            case["Rhapso"] = _rhapso(args.rhapso_python, xml, work / "rhapso.zarr", args.cores)
         results["cases"][kind] = case
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -687,14 +719,14 @@ def report(results: dict[str, Any], command: str) -> str:
             "tilefusion fuse step is x faster | error vs truth (RMSE, p99, corr) |",
             "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
-        ours = case["tilefusion fuse step"]["seconds"]
+        ours_rate = out_mv / case["tilefusion fuse step"]["seconds"]
         for name, row in case.items():
             if not isinstance(row, dict) or "seconds" not in row or name == "grid":
                 if isinstance(row, dict) and "error" in row:
                     lines.append(f"| {name} | failed: {row['error'][:120]} | | | | | |")
                 continue
             sec = row["seconds"]
-            rate = out_mv / sec
+            rate = row.get("out_voxels", case["out_voxels"]) / 1e6 / sec
             truth = row.get("truth")
             err = (
                 f"{truth['rmse']:.1f}, {truth['p99_abs']:.0f}, {truth['corr']:.4f}"
@@ -704,7 +736,7 @@ def report(results: dict[str, Any], command: str) -> str:
             rss = f"{row['rss_mb']:.0f}" if "rss_mb" in row else ""
             lines.append(
                 f"| {name} | {sec:.2f} | {rate:.1f} | {2 * rate:.0f} | {rss} | "
-                f"{sec / ours:.2f} | {err} |"
+                f"{ours_rate / rate:.2f} | {err} |"
             )
         lines.append("")
         lines.append("Targets (ratios of throughput in this run):")
@@ -714,6 +746,19 @@ def report(results: dict[str, Any], command: str) -> str:
                 got = case[b]["seconds"] / case[a]["seconds"]
                 ok = "met" if got >= want else "**missed**"
                 lines.append(f"- {a} / {b}: {got:.2f} (target >= {want:g}) {ok}")
+        rhapso = case.get("Rhapso")
+        if rhapso and "seconds" in rhapso:
+            same = rhapso["grid"]["shape"] == case["grid"]["shape"] and np.allclose(
+                rhapso["grid"]["origin"], case["grid"]["origin"]
+            )
+            lines += [
+                "",
+                f"Rhapso: `AffineFusion.run` alone on a Ray cluster of {results['cores']} CPUs"
+                f" started beforehand ({rhapso['ray_start_seconds']:.1f} s not counted); its"
+                " grid is "
+                + ("the same as ours" if same else f"its own ({rhapso['grid']})")
+                + "; peak RSS summed over Ray's processes; Blosc zstd-1 output.",
+            ]
         fuse = case["tilefusion fuse step"]
         ts = fuse["thread_seconds"]
         total = sum(ts.values()) or 1.0
@@ -758,6 +803,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--skip-seed", action="store_true")
     parser.add_argument("--skip-plan", action="store_true")
+    parser.add_argument(
+        "--rhapso-python",
+        default=None,
+        help="interpreter of a virtual environment with Rhapso (see peer_rhapso.py); "
+        "Rhapso is skipped without it",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the outputs")
     parser.add_argument(
         "--from-json",
