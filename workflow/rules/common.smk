@@ -71,3 +71,26 @@ def get_fuse_runtime(wildcards, attempt):
 
 def get_fuse_gpus(wildcards):
     return 1 if str(config["fusion"]["device"]).startswith("cuda") else 0
+
+
+def cancel_rate_limiter_timers():
+    # Snakemake's job rate limiter re-arms a non-daemon threading.Timer (1 s by
+    # default) on every scheduling round; the interpreter waits for the last one
+    # before it exits, a second added to every run. Once the run is over nothing
+    # needs them. Only Snakemake's scheduler timers are touched.
+    import threading
+
+    for thread in threading.enumerate():
+        function = getattr(thread, "function", None)
+        if isinstance(thread, threading.Timer) and getattr(
+            function, "__module__", ""
+        ).startswith("snakemake.scheduling"):
+            thread.cancel()
+
+
+onsuccess:
+    cancel_rate_limiter_timers()
+
+
+onerror:
+    cancel_rate_limiter_timers()
