@@ -73,7 +73,7 @@ def _config(xml: Path, out: Path, kind: str) -> dict[str, Any]:
             "compression": {"codec": "zstd", "level": 1},
             "overwrite": True,
         },
-        # fusion.chunks_per_range: the default (256 chunks per job)
+        # fusion.chunks_per_range: the default (1024 chunks per job)
     }
 
 

@@ -385,7 +385,7 @@ def make_plan(
     post_transform: geometry.Affine | None = None,
     chunks_zyx: Sequence[int] = (64, 128, 128),
     shards_zyx: Sequence[int] | None = None,
-    chunks_per_range: int = 256,
+    chunks_per_range: int = 1024,
     pyramid_levels: int | None = None,
     settings: dict[str, Any] | None = None,
 ) -> Plan:
