@@ -34,8 +34,8 @@ from zarr.codecs import (
 from tilefusion.errors import InputError
 from tilefusion.readers import ArraySource, arrays, open_array
 from tilefusion.readers.arrays import (
+    ChunkCache,
     TileArray,
-    _ChunkCache,
     _open_local_zarr,
     _ZarrChunks,
     forget_memory_array,
@@ -819,6 +819,28 @@ def test_cached_concurrent_reads_equal_serial(
         assert chunks.decodes == serial_arr._backing.decodes  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("layout", CACHED_LAYOUTS)
+def test_arrays_sharing_a_cache_keep_one_bound_and_their_own_chunks(
+    tmp_path: Path, layout: str
+) -> None:
+    """Two tiles with the same chunk grid, one cache: each reads its own pixels."""
+    first, z1 = _zarr_tile(tmp_path / "a", layout, **DIRECT_LAYOUTS[layout])
+    second, z2 = _zarr_tile(tmp_path / "b", f"{layout}-other", **DIRECT_LAYOUTS[layout])
+    assert not np.array_equal(z1[...], z2[...])
+    shared = ChunkCache(5 * _chunk_bytes(layout))
+    arrays_ = [
+        open_array(ArraySource("zarr", str(path)), chunk_cache=shared) for path in (first, second)
+    ]
+    for arr in arrays_:
+        assert arr._backing.cache is shared  # type: ignore[attr-defined]
+    crops = _fuse_like_crops(ZARR_SHAPE, (4, 5, 7))
+    for lo, hi in crops * 2:
+        for arr, z in zip(arrays_, (z1, z2)):
+            _assert_same(arr.read(lo, hi), z[tuple(slice(a, b) for a, b in zip(lo, hi))])
+            assert shared.nbytes <= shared.limit
+    assert shared.hits > 0
+
+
 def test_cached_chunks_cannot_be_changed_through_reads(tmp_path: Path) -> None:
     path, z = _zarr_tile(tmp_path, "v3", **DIRECT_LAYOUTS["v3-zstd"])
     arr = open_array(ArraySource("zarr", str(path)))
@@ -826,13 +848,13 @@ def test_cached_chunks_cannot_be_changed_through_reads(tmp_path: Path) -> None:
     assert first.flags.writeable
     first[...] = 0
     _assert_same(arr.read((12, 0, 0), (16, 6, 8)), z[12:16, 0:6, 0:8])
-    cache: _ChunkCache = arr._backing.cache  # type: ignore[attr-defined]
+    cache: ChunkCache = arr._backing.cache  # type: ignore[attr-defined]
     assert cache.nbytes > 0
     assert not any(entry.flags.writeable for entry in cache._entries.values())
 
 
 def test_chunk_cache_is_a_byte_bounded_lru() -> None:
-    cache = _ChunkCache(300)
+    cache = ChunkCache(300)
     arrays_ = {k: np.full(100, i, np.uint8) for i, k in enumerate("abcd")}
     for key in "abc":
         cache.put(key, arrays_[key])
@@ -852,7 +874,7 @@ def test_chunk_cache_is_a_byte_bounded_lru() -> None:
 
     assert cache.get_or_load("e", load) is cache.get_or_load("e", load)
     assert loads == ["e"]
-    off = _ChunkCache(0)
+    off = ChunkCache(0)
     off.put("a", arrays_["a"])
     assert off.nbytes == 0 and off.get_or_load("a", lambda: None) is None
 

@@ -71,6 +71,7 @@ from tilefusion.errors import InputError
 from tilefusion.readers.base import ArraySource
 
 __all__ = [
+    "ChunkCache",
     "TileArray",
     "forget_memory_array",
     "open_array",
@@ -123,13 +124,17 @@ def forget_memory_array(name: str) -> None:
     _MEMORY_ARRAYS.pop(name, None)
 
 
-def open_array(source: ArraySource) -> TileArray:
+def open_array(source: ArraySource, *, chunk_cache: ChunkCache | None = None) -> TileArray:
     """Open the pixels ``source`` names, reading metadata only.
 
     Parameters
     ----------
     source : ArraySource
         Container format, path and key.
+    chunk_cache : ChunkCache, optional
+        Where a reader that keeps decoded chunks (Zarr read directly) keeps
+        them, shared with the other arrays given the same cache, so that one
+        bound holds for all of them; by default each array has its own.
 
     Returns
     -------
@@ -151,7 +156,7 @@ def open_array(source: ArraySource) -> TileArray:
                 "tilefusion; re-save the dataset as bdv.multimg.zarr, bdv.n5 or bdv.hdf5",
             )
         raise InputError(source.path, "format", f"unknown array format {source.format!r}")
-    return opener(source)
+    return opener(source, chunk_cache=chunk_cache)
 
 
 # ---------------------------------------------------------------------------
@@ -270,7 +275,7 @@ def _field(source: ArraySource) -> str:
 # memory
 
 
-def _open_memory(source: ArraySource) -> TileArray:
+def _open_memory(source: ArraySource, *, chunk_cache: ChunkCache | None = None) -> TileArray:
     try:
         arr = _MEMORY_ARRAYS[source.path]
     except KeyError:
@@ -283,9 +288,9 @@ def _open_memory(source: ArraySource) -> TileArray:
 # zarr
 
 
-def _open_zarr(source: ArraySource) -> TileArray:
+def _open_zarr(source: ArraySource, *, chunk_cache: ChunkCache | None = None) -> TileArray:
     where = (source.path, _field(source))
-    chunks = _open_local_zarr(source)
+    chunks = _open_local_zarr(source, cache=chunk_cache)
     if chunks is not None:
         template = _spatial_template(chunks.shape, source=source.path, field=_field(source))
         return _IndexedArray(chunks, template, chunks.dtype, where=where, fresh_reads=True)
@@ -300,7 +305,7 @@ def _open_zarr(source: ArraySource) -> TileArray:
     if isinstance(node, zarr.Group):
         node = _zarr_level0(node, source)
     template = _spatial_template(node.shape, source=source.path, field=_field(source))
-    direct = _ZarrChunks.for_array(node)
+    direct = _ZarrChunks.for_array(node, cache=chunk_cache)
     if direct is not None:
         return _IndexedArray(direct, template, direct.dtype, where=where, fresh_reads=True)
     return _IndexedArray(node, template, np.dtype(node.dtype), where=where)
@@ -347,7 +352,7 @@ class _ZarrPythonDecides(Exception):
     """The local metadata reader leaves this node to zarr-python."""
 
 
-def _open_local_zarr(source: ArraySource) -> _ZarrChunks | None:
+def _open_local_zarr(source: ArraySource, *, cache: ChunkCache | None = None) -> _ZarrChunks | None:
     """The direct reader of a local Zarr node, resolved from its JSON metadata files.
 
     Importing zarr-python costs a fresh process about 0.3 s, which every fuse
@@ -383,7 +388,7 @@ def _open_local_zarr(source: ArraySource) -> _ZarrChunks | None:
             _, kind, meta = _zarr_node(folder, fmt)
             if kind != "array":
                 raise _ZarrPythonDecides
-        return _ZarrChunks.from_metadata(folder, meta)
+        return _ZarrChunks.from_metadata(folder, meta, cache=cache)
     except Exception:
         # _ZarrPythonDecides, and whatever odd metadata raises here: zarr-python
         # then opens the node or reports what is wrong with it.
@@ -546,6 +551,8 @@ class _ZarrLayout:
     index_crc: bool = True
 
 
+_CACHE_IDS = itertools.count()
+
 _CHUNK_CACHE_BYTES = 64 * 2**20
 """Default bound, in bytes, of one opened Zarr array's cache of decoded chunks.
 
@@ -558,7 +565,7 @@ there), too much to hold for every open tile.
 """
 
 
-class _ChunkCache:
+class ChunkCache:
     """A thread-safe LRU of decoded chunks, bounded by their bytes.
 
     Entries are read-only arrays, shared by every reader; readers copy out
@@ -697,12 +704,13 @@ class _ZarrChunks:
     the fill value. Threads may read concurrently.
 
     Decoded chunks (and shard indices) are kept in an LRU cache
-    (:class:`_ChunkCache`): overlapping crops, such as those of neighbouring
+    (:class:`ChunkCache`): overlapping crops, such as those of neighbouring
     output shards, then decode each chunk about once instead of once per
     crop. The cache is the memory bound: at most ``cache_bytes`` of decoded
     chunks per opened array (default :data:`_CHUNK_CACHE_BYTES`, 64 MiB),
     on top of the crops handed out; a process holding ``n`` arrays open may
-    hold ``n * cache_bytes``. ``cache_bytes=0`` keeps nothing.
+    hold ``n * cache_bytes``, unless they share one ``cache`` (and its
+    bound). ``cache_bytes=0`` keeps nothing.
 
     Parameters
     ----------
@@ -718,10 +726,13 @@ class _ZarrChunks:
         Value of absent chunks.
     cache_bytes : int, optional
         Bound of the decoded-chunk cache; :data:`_CHUNK_CACHE_BYTES` if ``None``.
+    cache : ChunkCache, optional
+        A cache shared with other arrays (``cache_bytes`` is then unused);
+        each array's entries are its own.
 
     Attributes
     ----------
-    cache : _ChunkCache
+    cache : ChunkCache
         The decoded-chunk cache (its counters tell hits from loads).
     """
 
@@ -734,6 +745,7 @@ class _ZarrChunks:
         dtype: np.dtype[Any],
         fill_value: Any,
         cache_bytes: int | None = None,
+        cache: ChunkCache | None = None,
     ) -> None:
         self._folder = folder
         self._layout = layout
@@ -743,7 +755,11 @@ class _ZarrChunks:
         shard = layout.shard or layout.chunks
         self._per_shard = tuple(s // c for s, c in zip(shard, layout.chunks, strict=True))
         self._index_size = 16 * math.prod(self._per_shard) + (4 if layout.index_crc else 0)
-        self.cache = _ChunkCache(_CHUNK_CACHE_BYTES if cache_bytes is None else cache_bytes)
+        if cache is None:
+            cache = ChunkCache(_CHUNK_CACHE_BYTES if cache_bytes is None else cache_bytes)
+        self.cache = cache
+        # Keys in a shared cache: this array's, never another's (ids are reused).
+        self._cache_id = next(_CACHE_IDS)
         self._decodes = 0
         self._count_lock = threading.Lock()
 
@@ -754,7 +770,12 @@ class _ZarrChunks:
 
     @classmethod
     def from_metadata(
-        cls, folder: Path, meta: dict[str, Any], *, cache_bytes: int | None = None
+        cls,
+        folder: Path,
+        meta: dict[str, Any],
+        *,
+        cache_bytes: int | None = None,
+        cache: ChunkCache | None = None,
     ) -> _ZarrChunks:
         """The direct reader of the array in ``folder`` with metadata ``meta``.
 
@@ -765,8 +786,8 @@ class _ZarrChunks:
         meta : dict
             The ``zarr.json`` object, or the ``.zarray`` one with the
             ``.zattrs`` object as ``"attributes"``.
-        cache_bytes : int, optional
-            Bound of the decoded-chunk cache (see the class).
+        cache_bytes, cache : optional
+            The decoded-chunk cache (see the class).
 
         Raises
         ------
@@ -795,11 +816,17 @@ class _ZarrChunks:
         ):
             raise _ZarrPythonDecides
         return cls(
-            folder, layout, shape=shape, dtype=dtype, fill_value=fill, cache_bytes=cache_bytes
+            folder,
+            layout,
+            shape=shape,
+            dtype=dtype,
+            fill_value=fill,
+            cache_bytes=cache_bytes,
+            cache=cache,
         )
 
     @classmethod
-    def for_array(cls, node: Any) -> _ZarrChunks | None:
+    def for_array(cls, node: Any, *, cache: ChunkCache | None = None) -> _ZarrChunks | None:
         """The direct reader of zarr-python array ``node``, or ``None`` if it has none.
 
         Only arrays in a local folder whose metadata names a layout read
@@ -824,7 +851,7 @@ class _ZarrChunks:
             return None
         # zarr-python reads a v2 null fill value as zero.
         fill = node.fill_value if node.fill_value is not None else np.zeros((), dtype)[()]
-        return cls(folder, layout, shape=node.shape, dtype=dtype, fill_value=fill)
+        return cls(folder, layout, shape=node.shape, dtype=dtype, fill_value=fill, cache=cache)
 
     def __getitem__(self, index: tuple[int | slice, ...]) -> NDArray[Any]:
         """Read ``index`` (an ``int`` or step-1 ``slice`` per axis; ints drop the axis)."""
@@ -860,7 +887,9 @@ class _ZarrChunks:
 
     def _read_chunks(self, out: NDArray[Any], starts: Sequence[int], stops: Sequence[int]) -> None:
         for coords, dst, src in _grid_blocks(starts, stops, self._layout.chunks):
-            chunk = self.cache.get_or_load(coords, functools.partial(self._load_chunk, coords))
+            chunk = self.cache.get_or_load(
+                (self._cache_id, coords), functools.partial(self._load_chunk, coords)
+            )
             out[dst] = self._fill if chunk is None else chunk[src]
 
     def _load_chunk(self, coords: tuple[int, ...]) -> NDArray[Any] | None:
@@ -883,9 +912,13 @@ class _ZarrChunks:
     ) -> None:
         """Fill ``out`` with the shard-local box ``[starts, stops)`` of shard ``coords``."""
         origin = [c * n for c, n in zip(coords, self._per_shard, strict=True)]
-        # Cache keys are inner chunk indices in the whole array's grid.
+        # Cache keys: inner chunk indices in the whole array's grid.
         blocks: dict[Hashable, tuple[tuple[int, ...], tuple[slice, ...], tuple[slice, ...]]] = {
-            tuple(o + i for o, i in zip(origin, inner, strict=True)): (inner, dst, src)
+            (self._cache_id, tuple(o + i for o, i in zip(origin, inner, strict=True))): (
+                inner,
+                dst,
+                src,
+            )
             for inner, dst, src in _grid_blocks(starts, stops, self._layout.chunks)
         }
         found, mine, theirs = self.cache.claim(blocks)
@@ -906,7 +939,7 @@ class _ZarrChunks:
         mine: dict[Hashable, threading.Event],
         theirs: list[Hashable],
     ) -> None:
-        """Read the inner chunks ``mine`` and ``theirs`` (see :meth:`_ChunkCache.claim`)."""
+        """Read the inner chunks ``mine`` and ``theirs`` (see :meth:`ChunkCache.claim`)."""
         key = self._key(coords)
         try:
             fh = (self._folder / key).open("rb")
@@ -916,7 +949,7 @@ class _ZarrChunks:
             return
         with fh:
             index = self.cache.get_or_load(
-                ("index", *coords), functools.partial(self._shard_index, fh, key)
+                (self._cache_id, "index", *coords), functools.partial(self._shard_index, fh, key)
             )
             assert index is not None
             wanted: list[tuple[int, int, Hashable]] = []
@@ -1286,7 +1319,7 @@ class _N5Array:
         return data.reshape(data.shape[-3:]).astype(self._native, copy=False)
 
 
-def _open_n5(source: ArraySource) -> TileArray:
+def _open_n5(source: ArraySource, *, chunk_cache: ChunkCache | None = None) -> TileArray:
     return _N5Array(source)
 
 
@@ -1450,7 +1483,7 @@ class _Hdf5Array:
             return self._index.read_from(fh[self._key], lo_zyx, hi_zyx)
 
 
-def _open_hdf5(source: ArraySource) -> TileArray:
+def _open_hdf5(source: ArraySource, *, chunk_cache: ChunkCache | None = None) -> TileArray:
     return _Hdf5Array(source)
 
 
@@ -1473,7 +1506,7 @@ def _tiff_options(source: ArraySource) -> dict[str, int]:
     return options
 
 
-def _open_tiff(source: ArraySource) -> TileArray:
+def _open_tiff(source: ArraySource, *, chunk_cache: ChunkCache | None = None) -> TileArray:
     import tifffile
 
     options = _tiff_options(source)
@@ -1516,7 +1549,13 @@ def _open_tiff(source: ArraySource) -> TileArray:
     return _IndexedArray(backing, template, dtype, where=(source.path, f"series {series}"))
 
 
-_OPENERS: dict[str, Callable[[ArraySource], TileArray]] = {
+class _Opener(Protocol):
+    def __call__(
+        self, source: ArraySource, *, chunk_cache: ChunkCache | None = None
+    ) -> TileArray: ...
+
+
+_OPENERS: dict[str, _Opener] = {
     "zarr": _open_zarr,
     "n5": _open_n5,
     "hdf5": _open_hdf5,
