@@ -65,7 +65,7 @@ def test_rulegraph_is_complete(demo_xml, tmp_path):
     configfile = _write_config(tmp_path, demo_xml)
     result = snakemake(tmp_path, "--configfile", str(configfile), "--rulegraph")
     assert result.returncode == 0, result.stderr
-    for rule in ("plan", "prepare_store", "fuse", "downsample", "assemble", "validate", "all"):
+    for rule in ("plan", "fuse", "downsample", "assemble", "validate", "all"):
         assert f'label = "{rule}"' in result.stdout
 
 

@@ -226,6 +226,14 @@ def prepare(config: Mapping[str, Any], *, plan_path: str, record_path: str) -> d
     return record
 
 
+def plan_and_prepare(
+    config: Mapping[str, Any], *, plan_path: str, manifest_path: str, record_path: str
+) -> dict[str, Any]:
+    """The workflow's plan rule: :func:`write_plan`, then :func:`prepare` (one process)."""
+    write_plan(config, plan_path=plan_path, manifest_path=manifest_path)
+    return prepare(config, plan_path=plan_path, record_path=record_path)
+
+
 def marker_path(markers_dir: str | Path, level: int, range_index: int) -> Path:
     """Where the marker of one job of one level lives."""
     return Path(markers_dir) / f"level{level}" / f"range{range_index}.json"

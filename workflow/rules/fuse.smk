@@ -1,17 +1,3 @@
-rule prepare_store:
-    input:
-        plan=PLAN_JSON,
-    output:
-        record=STORE_RECORD,
-    log:
-        "logs/tilefusion/prepare_store.log",
-    localrule: True
-    conda:
-        "../../envs/tilefusion.yaml"
-    script:
-        "../scripts/prepare_store.py"
-
-
 rule fuse:
     input:
         plan=PLAN_JSON,

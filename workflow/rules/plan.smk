@@ -11,14 +11,18 @@ if config["demo"]:
             "../scripts/demo_dataset.py"
 
 
+# Metadata work, seconds even for 10,000 tiles: it runs in the main Snakemake
+# process's machine (no cluster queue), and creates the output store too.
 rule plan:
     input:
         dataset=get_dataset(),
     output:
         plan=PLAN_JSON,
         manifest=MANIFEST_TSV,
+        store=STORE_RECORD,
     log:
         "logs/tilefusion/plan.log",
+    localrule: True
     conda:
         "../../envs/tilefusion.yaml"
     params:

@@ -1,9 +1,10 @@
-from tilefusion.steps import run_logged, write_plan
+from tilefusion.steps import plan_and_prepare, run_logged
 
 run_logged(
     snakemake.log[0],
-    write_plan,
+    plan_and_prepare,
     config=snakemake.config,
     plan_path=snakemake.output.plan,
     manifest_path=snakemake.output.manifest,
+    record_path=snakemake.output.store,
 )
