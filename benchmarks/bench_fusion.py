@@ -59,8 +59,9 @@ SHARDS = (128, 256, 256)
 # helpers
 
 
-def _config(xml: Path, out: Path, kind: str) -> dict[str, Any]:
+def _config(xml: Path, out: Path, kind: str, chunks_per_range: int | None = None) -> dict[str, Any]:
     resolution = [0.5, 0.5, 0.5] if kind == "affine" else list(VOXEL_ZYX)
+    fusion = {} if chunks_per_range is None else {"fusion": {"chunks_per_range": chunks_per_range}}
     return {
         "dataset": str(xml),
         "output": {
@@ -74,6 +75,7 @@ def _config(xml: Path, out: Path, kind: str) -> dict[str, Any]:
             "overwrite": True,
         },
         # fusion.chunks_per_range: the default (1024 chunks per job)
+        **fusion,
     }
 
 
@@ -408,18 +410,21 @@ WORKERS = {
 # the run
 
 
-def _tilefusion(xml: Path, work: Path, kind: str, cores: int) -> dict[str, Any]:
+def _tilefusion(
+    xml: Path, work: Path, kind: str, cores: int, chunks_per_range: int | None = None
+) -> dict[str, Any]:
     from tilefusion import steps
     from tilefusion.config import load_config
     from tilefusion.plan import read_plan
 
     out = work / "fused.ome.zarr"
-    cfg = load_config(_config(xml, out, kind))
+    cfg = load_config(_config(xml, out, kind, chunks_per_range))
     plan_path = work / "plan.json"
     steps.write_plan(cfg, plan_path=str(plan_path), manifest_path=str(work / "manifest.tsv"))
     steps.prepare(cfg, plan_path=str(plan_path), record_path=str(work / "store.json"))
     plan = read_plan(plan_path)
     seconds, walls, rss = 0.0, 0.0, 0.0
+    peaks: list[float] = []
     threads: dict[str, float] = {}
     for r in range(plan.grid.n_ranges):
         wall, peak, res = _worker(
@@ -432,12 +437,14 @@ def _tilefusion(xml: Path, work: Path, kind: str, cores: int) -> dict[str, Any]:
         seconds += res["seconds"]
         walls += wall
         rss = max(rss, peak)
+        peaks.append(peak)
         for k, v in res["thread_seconds"].items():
             threads[k] = threads.get(k, 0.0) + v
     return {
         "seconds": seconds,
         "process_seconds": walls,
         "rss_mb": rss,
+        "rss_mb_per_job": peaks,
         "ranges": plan.grid.n_ranges,
         "thread_seconds": threads,
         "grid": _grid(plan_path),
@@ -562,6 +569,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": tf["process_seconds"],
             "rss_mb": tf["rss_mb"],
         }
+
+        if kind == "affine":
+            print(f"== {kind}: fuse jobs' memory against the range size", flush=True)
+            small = _tilefusion(xml, work / "small-ranges", kind, args.cores, chunks_per_range=16)
+            case["rss by range size"] = [
+                {"chunks_per_range": 1024, "ranges": tf["ranges"], "rss_mb": tf["rss_mb_per_job"]},
+                {
+                    "chunks_per_range": 16,
+                    "ranges": small["ranges"],
+                    "rss_mb": small["rss_mb_per_job"],
+                },
+            ]
+            shutil.rmtree(work / "small-ranges", ignore_errors=True)
 
         print(f"== {kind}: tilefusion workflow (snakemake)", flush=True)
         wf = _workflow(xml, work / "workflow", kind, args.cores)
@@ -787,6 +807,12 @@ def report(results: dict[str, Any], command: str) -> str:
                 + ("the same as ours" if same else f"its own ({rhapso['grid']})")
                 + "; peak RSS summed over Ray's processes; Blosc zstd-1 output.",
             ]
+        for row in case.get("rss by range size", []):
+            jobs = row["rss_mb"]
+            lines.append(
+                f"- Fuse jobs of {row['chunks_per_range']} chunks per range ({row['ranges']}"
+                f" jobs): peak RSS {min(jobs):.0f}-{max(jobs):.0f} MB per job."
+            )
         fuse = case["tilefusion fuse step"]
         ts = fuse["thread_seconds"]
         total = sum(ts.values()) or 1.0
