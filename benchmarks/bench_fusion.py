@@ -716,7 +716,12 @@ NOTES = [
     " bound by decoding and encoding): not measured. No GPU machine was lent to the"
     " sessions that built this, so the torch kernel has run only on the CPU (its"
     " tests compare it with the numba kernel); `device: auto` picks a free CUDA"
-    " device when there is one. A run on a GPU machine must fill this in.",
+    " device when there is one. `python benchmarks/bench_gpu.py --doc"
+    " docs/benchmarks.md` on a GPU machine measures both (the kernel's rate for the"
+    " bytes it must move against the device's peak, and a GPU fuse job's"
+    " thread-seconds for reading, fusing and writing) and appends them here. The"
+    " torch kernel is element-wise tensor code with full-slab temporaries, so"
+    " expect it below 50 % of the bandwidth until it is fused into one kernel.",
     "",
     "Where the workflow's time goes (affine case, one run, seconds from the start of"
     " `snakemake`): Snakemake start-up and DAG 1.0, plan (with creating the store,"
