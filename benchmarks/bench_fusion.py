@@ -24,7 +24,9 @@ Methods (output: uint16, zstd level 1, chunks 64 x 128 x 128):
   output alone (zarr-python, and bare numcodecs encoding).
 
 Every output is checked against the analytic sample at random voxels, so a
-method that misplaces data shows it.
+method that misplaces data shows it. On a machine with a CUDA GPU the report
+also has a GPU section (``bench_gpu.py``: the kernel against the device's
+memory bandwidth, and a fuse job on the GPU, with the GPU model).
 """
 
 from __future__ import annotations
@@ -340,6 +342,26 @@ def worker_mvs(grid: dict[str, Any], xml: str, target: str, threads: int) -> dic
     return {"seconds": time.perf_counter() - start}
 
 
+def worker_gpu(scale: str, workdir: str) -> dict[str, Any]:
+    """The GPU section (``bench_gpu.py``): the torch kernel alone, and a fuse job on the GPU."""
+    import bench_gpu
+
+    return {
+        "kernel": bench_gpu.kernel("cuda", 20, None),
+        "job": bench_gpu.job(scale, "cuda", Path(workdir)),
+    }
+
+
+def _cuda_available() -> bool:
+    from tilefusion.devices import nvidia_driver_present
+
+    if not nvidia_driver_present():
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def worker_warm_kernel() -> dict[str, Any]:
     """Compile numba's kernels into its cache, as the first job after an install does."""
     from tilefusion.kernel.numba_cpu import warm_up
@@ -403,6 +425,7 @@ WORKERS = {
     "mvs": worker_mvs,
     "plan_scale": worker_plan_scale,
     "warm_kernel": worker_warm_kernel,
+    "gpu": worker_gpu,
 }
 
 
@@ -640,6 +663,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["cases"][kind] = case
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    if _cuda_available():
+        print("== GPU: kernel and fuse job", flush=True)
+        gpu_dir = root / "gpu"
+        _, rss, res = _worker("gpu", scale=args.scale, workdir=str(gpu_dir))
+        res["job"]["rss_mb"] = rss
+        results["gpu"] = res
+        shutil.rmtree(gpu_dir, ignore_errors=True)
     if not args.skip_plan:
         print("== planning 10,000 tiles", flush=True)
         _, rss, res = _worker("plan_scale", tiles_per_axis=100)
@@ -832,6 +862,10 @@ def report(results: dict[str, Any], command: str) -> str:
             "",
         ]
     lines += NOTES
+    if results.get("gpu"):
+        import bench_gpu
+
+        lines += bench_gpu.report(results["gpu"], command=None).splitlines()
     plan = results.get("planning")
     if plan:
         lines += [

@@ -195,14 +195,11 @@ def job(scale: str, device_name: str, workdir: Path) -> dict[str, Any]:
     }
 
 
-def report(results: dict[str, Any], command: str) -> str:
-    lines = [
-        "## GPU",
-        "",
-        f"- Command: `{command}`",
-        f"- Date: {results['date']}",
-        "",
-    ]
+def report(results: dict[str, Any], command: str | None) -> str:
+    """The GPU section in Markdown; ``command=None`` leaves out command and date."""
+    lines = ["## GPU", ""]
+    if command is not None:
+        lines += [f"- Command: `{command}`", f"- Date: {results['date']}", ""]
     k = results.get("kernel")
     if k:
         frac = k["fraction_of_peak"]
