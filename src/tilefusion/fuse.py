@@ -98,8 +98,8 @@ JOB_CHUNK_CACHE_BYTES = 0
 Measured on the benchmark (2 cores, local disk): keeping 64 or 256 MiB
 halved the read time but slowed the kernel and the writes more (page faults
 of the churned chunk buffers), 2-5 % slower overall; each shard's prefetch
-already decodes a tile region once for all its chunks. Raise it where
-reading tiles again is what costs (slow network storage).
+already decodes a tile region once for all its chunks. Not measured on slow
+network storage, where reading a tile chunk again may cost more than that.
 """
 
 

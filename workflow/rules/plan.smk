@@ -11,8 +11,8 @@ if config["demo"]:
             "../scripts/demo_dataset.py"
 
 
-# Metadata work, seconds even for 10,000 tiles: it runs in the main Snakemake
-# process's machine (no cluster queue), and creates the output store too.
+# Metadata work, seconds even for 10,000 tiles: it runs where Snakemake itself
+# runs (no cluster queue), and creates the output store too.
 rule plan:
     input:
         dataset=get_dataset(),
