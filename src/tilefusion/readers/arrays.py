@@ -15,9 +15,10 @@ zarr
     ``zstd``, ``blosc``, ``gzip``, ``lz4`` or no compressor, no filters and C
     order; v3 with ``bytes`` and at most one ``zstd``, ``blosc`` or ``gzip``
     codec, optionally inside ``sharding_indexed`` (only the inner chunks a crop
-    needs are read); numeric pixel types. Each opened array keeps up to
-    64 MiB of decoded chunks (an LRU cache), so overlapping crops decode a
-    chunk about once. Every other array (remote stores, other codecs,
+    needs are read); numeric pixel types. Decoded chunks are kept in an LRU
+    cache (64 MiB per opened array, or one cache shared by several arrays,
+    see :func:`open_array`), so overlapping crops decode a chunk about once.
+    Every other array (remote stores, other codecs,
     transposes, filters, consolidated groups) and every error goes through
     zarr-python.
 n5
@@ -554,14 +555,14 @@ class _ZarrLayout:
 _CACHE_IDS = itertools.count()
 
 _CHUNK_CACHE_BYTES = 64 * 2**20
-"""Default bound, in bytes, of one opened Zarr array's cache of decoded chunks.
+"""Default bound, in bytes, of one opened Zarr array's own cache of decoded chunks.
 
-A fuse job keeps one array open per tile for the whole job, so this bound
-is per tile. Crops of neighbouring 32 x 256 x 256 output shards in C order
-reuse chunks of 32 x 128 x 128 uint16 (1 MiB each, 18 per crop) across x
-and y within 64 MiB in tiles up to about 1024 x 1024 voxels across; reuse
-across z layers of shards would need a tile's two chunk layers (128 MiB
-there), too much to hold for every open tile.
+Fuse jobs do not use it: their tiles share one cache
+(:data:`tilefusion.fuse.JOB_CHUNK_CACHE_BYTES`). Crops of neighbouring
+32 x 256 x 256 output shards in C order reuse chunks of 32 x 128 x 128
+uint16 (1 MiB each, 18 per crop) across x and y within 64 MiB in tiles up
+to about 1024 x 1024 voxels across; reuse across z layers of shards would
+need a tile's two chunk layers (128 MiB there).
 """
 
 
@@ -948,6 +949,8 @@ class _ZarrChunks:
                 out[blocks[chunk_key][1]] = self._fill
             return
         with fh:
+            # The one wait while holding claims (see ChunkCache.claim): loading
+            # an index never waits on the cache, so it cannot close a cycle.
             index = self.cache.get_or_load(
                 (self._cache_id, "index", *coords), functools.partial(self._shard_index, fh, key)
             )
