@@ -707,11 +707,10 @@ class _ZarrChunks:
     Decoded chunks (and shard indices) are kept in an LRU cache
     (:class:`ChunkCache`): overlapping crops, such as those of neighbouring
     output shards, then decode each chunk about once instead of once per
-    crop. The cache is the memory bound: at most ``cache_bytes`` of decoded
-    chunks per opened array (default :data:`_CHUNK_CACHE_BYTES`, 64 MiB),
-    on top of the crops handed out; a process holding ``n`` arrays open may
-    hold ``n * cache_bytes``, unless they share one ``cache`` (and its
-    bound). ``cache_bytes=0`` keeps nothing.
+    crop. The cache is the memory bound: at most :data:`_CHUNK_CACHE_BYTES`
+    (64 MiB) of decoded chunks per opened array, on top of the crops handed
+    out, unless arrays share one ``cache`` (and its bound). A cache of limit
+    0 keeps nothing.
 
     Parameters
     ----------
@@ -725,11 +724,9 @@ class _ZarrChunks:
         Pixel type of the reads (zarr-python's).
     fill_value : scalar
         Value of absent chunks.
-    cache_bytes : int, optional
-        Bound of the decoded-chunk cache; :data:`_CHUNK_CACHE_BYTES` if ``None``.
     cache : ChunkCache, optional
-        A cache shared with other arrays (``cache_bytes`` is then unused);
-        each array's entries are its own.
+        A cache shared with other arrays (each array's entries are its own);
+        by default the array's own, of :data:`_CHUNK_CACHE_BYTES`.
 
     Attributes
     ----------
@@ -745,7 +742,6 @@ class _ZarrChunks:
         shape: Sequence[int],
         dtype: np.dtype[Any],
         fill_value: Any,
-        cache_bytes: int | None = None,
         cache: ChunkCache | None = None,
     ) -> None:
         self._folder = folder
@@ -757,7 +753,7 @@ class _ZarrChunks:
         self._per_shard = tuple(s // c for s, c in zip(shard, layout.chunks, strict=True))
         self._index_size = 16 * math.prod(self._per_shard) + (4 if layout.index_crc else 0)
         if cache is None:
-            cache = ChunkCache(_CHUNK_CACHE_BYTES if cache_bytes is None else cache_bytes)
+            cache = ChunkCache(_CHUNK_CACHE_BYTES)
         self.cache = cache
         # Keys in a shared cache: this array's, never another's (ids are reused).
         self._cache_id = next(_CACHE_IDS)
@@ -775,7 +771,6 @@ class _ZarrChunks:
         folder: Path,
         meta: dict[str, Any],
         *,
-        cache_bytes: int | None = None,
         cache: ChunkCache | None = None,
     ) -> _ZarrChunks:
         """The direct reader of the array in ``folder`` with metadata ``meta``.
@@ -787,7 +782,7 @@ class _ZarrChunks:
         meta : dict
             The ``zarr.json`` object, or the ``.zarray`` one with the
             ``.zattrs`` object as ``"attributes"``.
-        cache_bytes, cache : optional
+        cache : ChunkCache, optional
             The decoded-chunk cache (see the class).
 
         Raises
@@ -822,7 +817,6 @@ class _ZarrChunks:
             shape=shape,
             dtype=dtype,
             fill_value=fill,
-            cache_bytes=cache_bytes,
             cache=cache,
         )
 
