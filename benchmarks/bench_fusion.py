@@ -468,6 +468,7 @@ def _tilefusion(
         "process_seconds": walls,
         "rss_mb": rss,
         "rss_mb_per_job": peaks,
+        "chunks_per_range": cfg["fusion"]["chunks_per_range"],
         "ranges": plan.grid.n_ranges,
         "thread_seconds": threads,
         "grid": _grid(plan_path),
@@ -597,12 +598,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"== {kind}: fuse jobs' memory against the range size", flush=True)
             small = _tilefusion(xml, work / "small-ranges", kind, args.cores, chunks_per_range=16)
             case["rss by range size"] = [
-                {"chunks_per_range": 1024, "ranges": tf["ranges"], "rss_mb": tf["rss_mb_per_job"]},
                 {
-                    "chunks_per_range": 16,
-                    "ranges": small["ranges"],
-                    "rss_mb": small["rss_mb_per_job"],
-                },
+                    "chunks_per_range": run_["chunks_per_range"],
+                    "ranges": run_["ranges"],
+                    "rss_mb": run_["rss_mb_per_job"],
+                }
+                for run_ in (tf, small)
             ]
             shutil.rmtree(work / "small-ranges", ignore_errors=True)
 

@@ -156,25 +156,17 @@ def kernel(device_name: str, repeats: int, peak_gbs: float | None) -> dict[str, 
 
 
 def job(scale: str, device_name: str, workdir: Path) -> dict[str, Any]:
+    from bench_fusion import _config
+
     from tilefusion import steps
     from tilefusion.config import load_config
     from tilefusion.plan import read_plan
 
     xml = write_dataset(workdir / f"data-{scale}", BenchSpec(SCALES[scale], kind="affine"))
-    cfg = load_config(
-        {
-            "dataset": str(xml),
-            "output": {
-                "path": str(workdir / "gpu.ome.zarr"),
-                "resolution": [0.5, 0.5, 0.5],
-                "chunks": [64, 128, 128],
-                "shards": [128, 256, 256],
-                "pyramid_levels": 1,
-                "overwrite": True,
-            },
-            "fusion": {"device": device_name, "chunks_per_range": 1_000_000},
-        }
-    )
+    # The CPU benchmark's affine case, in one job on the device.
+    settings = _config(xml, workdir / "gpu.ome.zarr", "affine", chunks_per_range=1_000_000)
+    settings["fusion"]["device"] = device_name
+    cfg = load_config(settings)
     plan_path = workdir / "plan.json"
     steps.plan_and_prepare(
         cfg,
