@@ -31,6 +31,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from tilefusion import geometry
+from tilefusion.atomic import write_text_atomic
 from tilefusion.errors import InputError
 from tilefusion.readers.base import ArraySource, Dataset
 
@@ -272,10 +273,7 @@ class Plan:
 
     def write(self, path: str | Path) -> None:
         """Write the plan as JSON (atomically)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(self.to_json(), indent=1))
 
 
 def read_plan(path: str | Path) -> Plan:
@@ -608,17 +606,12 @@ def write_manifest(plan: Plan, path: str | Path) -> None:
     """
     rows = chunk_tile_pairs(plan)
     names = np.array([t.name for t in plan.tiles], dtype=object)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as out:
-        out.write("range\tchunk_z\tchunk_y\tchunk_x\ttiles\n")
-        if len(rows):
-            keys = rows[:, :4]
-            starts = np.flatnonzero(np.any(np.diff(keys, axis=0) != 0, axis=1)) + 1
-            bounds = np.concatenate([[0], starts, [len(rows)]])
-            lines = []
-            for a, b in itertools.pairwise(bounds):
-                r, z, y, x = keys[a]
-                lines.append(f"{r}\t{z}\t{y}\t{x}\t{','.join(names[rows[a:b, 4]])}\n")
-            out.writelines(lines)
-    tmp.replace(path)
+    lines = ["range\tchunk_z\tchunk_y\tchunk_x\ttiles\n"]
+    if len(rows):
+        keys = rows[:, :4]
+        starts = np.flatnonzero(np.any(np.diff(keys, axis=0) != 0, axis=1)) + 1
+        bounds = np.concatenate([[0], starts, [len(rows)]])
+        for a, b in itertools.pairwise(bounds):
+            r, z, y, x = keys[a]
+            lines.append(f"{r}\t{z}\t{y}\t{x}\t{','.join(names[rows[a:b, 4]])}\n")
+    write_text_atomic(path, "".join(lines))

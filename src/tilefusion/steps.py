@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tilefusion.atomic import write_json_atomic
 from tilefusion.config import config_digest, load_config
 from tilefusion.errors import InputError
 from tilefusion.plan import Plan, make_plan, post_transform_affine, read_plan, write_manifest
@@ -52,15 +52,8 @@ _NOT_IDENTITY = {
 
 
 def write_json(path: str | Path, data: Mapping[str, Any]) -> None:
-    """Write JSON atomically and durably (temporary file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    """Write JSON atomically and durably (see :mod:`tilefusion.atomic`)."""
+    write_json_atomic(path, data)
 
 
 def store_identity(config: Mapping[str, Any]) -> str:
