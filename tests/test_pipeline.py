@@ -136,18 +136,21 @@ def test_existing_output_is_never_overwritten_silently(demo_xml, tmp_path):
     config = _config(demo_xml, tmp_path)
     with pytest.raises(InputError, match="not written by tilefusion"):
         steps.check_output_path(load_config(config))
-    with pytest.raises(InputError, match=r"output\.overwrite"):
+    # overwrite replaces only what tilefusion wrote
+    config["output"]["overwrite"] = True
+    with pytest.raises(InputError, match=r"output\.overwrite only replaces outputs tilefusion"):
         run_pipeline(config, tmp_path)
     assert (foreign / "precious.txt").read_text() == "keep me"
-    config["output"]["overwrite"] = True
-    run_pipeline(config, tmp_path)
-    assert not (foreign / "precious.txt").exists()
-    # the same configuration resumes; another one is refused
+    (foreign / "precious.txt").unlink()
     config["output"]["overwrite"] = False
+    run_pipeline(config, tmp_path)
+    # the same configuration resumes; another one is refused, or replaced on request
     steps.check_output_path(load_config(config))
     config["fusion"]["blending"] = "max"
     with pytest.raises(InputError, match="another configuration"):
         steps.check_output_path(load_config(config))
+    config["output"]["overwrite"] = True
+    steps.check_output_path(load_config(config))
 
 
 def test_integer_output_is_rounded_and_clipped():

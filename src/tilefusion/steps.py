@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = [
     "plan_from_config",
     "plan_settings_digest",
     "prepare",
+    "protected_paths",
     "run_logged",
     "store_identity",
     "validate",
@@ -169,22 +171,37 @@ def _output_dtype(config: Mapping[str, Any], plan: Plan) -> str:
     return declared.pop()
 
 
-def plan_for_run(config: Mapping[str, Any], *, main_process: bool = True) -> Plan:
+def plan_for_run(
+    config: Mapping[str, Any], *, main_process: bool = True, protected: Sequence[str] = ()
+) -> Plan:
     """The plan a workflow run is built on, after everything checked before any job.
 
     The main process also opens the tiles (metadata only) against the
     dataset's metadata, when the dataset exists (a demo still to be generated
-    is checked by the plan step), and checks the output path. Job processes
-    only need the plan's shape of ranges.
+    is checked by the plan step), and checks the output path (see
+    :func:`check_output_path`; ``protected`` adds paths to keep, such as the
+    config files). Job processes only need the plan's shape of ranges.
     """
     opens_tiles = main_process and Path(config["dataset"]).exists()
     plan = plan_from_config(config, metadata_only=not opens_tiles)
     if main_process:
-        check_output_path(config)
+        check_output_path(config, plan=plan, protected=protected)
     return plan
 
 
-def check_output_path(config: Mapping[str, Any]) -> None:
+def protected_paths(
+    config: Mapping[str, Any], plan: Plan | None = None, *, extra: Sequence[str] = ()
+) -> list[str]:
+    """What no output may hold: the dataset, its tiles, the working directory, ``extra``."""
+    paths = [str(config["dataset"]), os.getcwd(), *extra]
+    if plan is not None:
+        paths.extend(t.source.path for t in plan.tiles if "://" not in t.source.path)
+    return paths
+
+
+def check_output_path(
+    config: Mapping[str, Any], *, plan: Plan | None = None, protected: Sequence[str] = ()
+) -> None:
     """Refuse, before any job runs, an output this configuration may not touch."""
     from tilefusion.store import check_owner
 
@@ -192,6 +209,7 @@ def check_output_path(config: Mapping[str, Any]) -> None:
         config["output"]["path"],
         identity=store_identity(config),
         overwrite=bool(config["output"]["overwrite"]),
+        protected=protected_paths(config, plan, extra=protected),
     )
 
 
@@ -212,6 +230,7 @@ def prepare(config: Mapping[str, Any], *, plan_path: str, record_path: str) -> d
         level=output["compression"]["level"],
         identity=store_identity(config),
         overwrite=bool(output["overwrite"]),
+        protected=protected_paths(config, plan),
     )
     log.info("output %s: %s (%s, %s)", output["path"], outcome, output["format"], dtype)
     record = {"store": str(Path(output["path"]).resolve()), "outcome": outcome, "dtype": dtype}

@@ -9,6 +9,8 @@ in branches.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -17,6 +19,7 @@ from typing import Any, ClassVar
 
 import zarr
 
+from tilefusion.atomic import write_bytes_atomic, write_json_atomic
 from tilefusion.errors import InputError
 from tilefusion.plan import Plan
 
@@ -28,6 +31,7 @@ __all__ = [
     "format_from_name",
     "open_level",
     "prepare_store",
+    "read_owner",
     "write_ngff_metadata",
 ]
 
@@ -160,79 +164,157 @@ def _compressors(codec: str, level: int, zarr_format: int) -> Any:
     return v3[codec]()
 
 
-def _is_ours(path: Path) -> dict[str, Any] | None:
+IDENTITY_FILE = ".tilefusion-identity.json"
+"""The output's identity record, written (atomically) before anything else in it."""
+
+
+def read_owner(path: str | Path) -> dict[str, Any] | None:
+    """The identity record of an output tilefusion wrote, or None.
+
+    The record file comes first; outputs of earlier versions hold it in the
+    group's attributes only.
+    """
+    path = Path(path)
+    try:
+        record = json.loads((path / IDENTITY_FILE).read_text())
+    except (OSError, ValueError):
+        record = None
+    if isinstance(record, dict) and isinstance(record.get("identity"), str):
+        return record
     try:
         group = zarr.open_group(str(path), mode="r")
-    except Exception:
+        owner = group.attrs.get(OWNER_KEY)
+    except Exception:  # an unreadable group is simply not known to be ours
         return None
-    owner = group.attrs.get(OWNER_KEY)
     return owner if isinstance(owner, dict) else None
 
 
-def check_owner(path: str | Path, *, identity: str, overwrite: bool) -> str:
+def _is_within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def _refuse(path: Path, problem: str) -> InputError:
+    return InputError(str(path), "output.path", problem)
+
+
+def _check_location(path: Path) -> None:
+    """Refuse an output that cannot be made: a dangling link, a file in the way, no access."""
+    if path.is_symlink() and not path.exists():
+        raise _refuse(path, f"is a dangling symbolic link (to {os.readlink(path)})")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        if ancestor.is_symlink():
+            raise _refuse(path, f"{ancestor} is a dangling symbolic link")
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise _refuse(path, f"{ancestor} is a file, not a folder")
+    target = path if path.is_dir() else ancestor
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise _refuse(path, f"{target} is not writable")
+
+
+def check_owner(
+    path: str | Path,
+    *,
+    identity: str,
+    overwrite: bool,
+    protected: Sequence[str | Path] = (),
+) -> str:
     """Decide what may happen to an existing output, before anything is written.
+
+    Parameters
+    ----------
+    path : path
+        The output group.
+    identity : str
+        The identity of the configuration about to write it.
+    overwrite : bool
+        Whether the user asked to replace an output tilefusion wrote with
+        another configuration.
+    protected : sequence of paths
+        Paths that must survive whatever happens (the dataset, its tiles, the
+        working directory, the config files): an output at or above one is
+        refused.
 
     Returns
     -------
     str
-        ``"absent"`` (nothing there), ``"resume"`` (written by this workflow
-        with the same identity) or ``"replace"`` (``overwrite`` was asked).
+        ``"absent"`` (nothing there, or an empty folder), ``"resume"`` (written
+        by tilefusion with the same identity; also a store whose writing was
+        cut short) or ``"replace"`` (a tilefusion output of another
+        configuration, and ``overwrite`` was asked).
 
     Raises
     ------
     InputError
-        When something else is at ``path`` and ``overwrite`` is not set.
+        One line naming the path, for a location that cannot be written, for
+        anything tilefusion did not write (even with ``overwrite``), for an
+        output of another configuration without ``overwrite``, and for an
+        output that holds a protected path.
     """
     path = Path(path)
+    _check_location(path)
     if not path.exists():
         return "absent"
-    owner = _is_ours(path)
-    if owner is not None and owner.get("identity") == identity:
+    resolved = path.resolve()
+    for keep in protected:
+        kept = Path(keep).resolve()
+        if _is_within(kept, resolved):
+            raise _refuse(
+                path, f"holds {kept}, which tilefusion must not touch; choose another path"
+            )
+    if not path.is_dir():
+        raise _refuse(path, "is a file, not an OME-Zarr folder; choose another path")
+    owner = read_owner(path)
+    if owner is None:
+        if not any(path.iterdir()):
+            return "absent"
+        advice = (
+            "output.overwrite only replaces outputs tilefusion wrote; "
+            "remove it yourself or choose another path"
+            if overwrite
+            else "choose another path"
+        )
+        raise _refuse(path, f"exists and was not written by tilefusion; {advice}")
+    if owner.get("identity") == identity:
         return "resume"
     if overwrite:
         return "replace"
-    what = (
-        "was written with another configuration"
-        if owner is not None
-        else "exists and was not written by tilefusion"
-    )
-    raise InputError(
-        str(path),
-        "output.path",
-        f"{what}; set output.overwrite: true to replace it, or choose another path",
+    raise _refuse(
+        path,
+        "was written with another configuration; set output.overwrite: true to replace "
+        "it, or choose another path",
     )
 
 
-def prepare_store(
+def _empty_folder(path: Path) -> None:
+    """Remove what is in ``path`` (a tilefusion output), keeping the folder (or link) itself."""
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _metadata_documents(
     plan: Plan,
-    path: str | Path,
     *,
     ngff: NgffFormat,
     dtype: str,
-    codec: str = "zstd",
-    level: int = 1,
-    identity: str,
-    overwrite: bool = False,
-) -> str:
-    """Create the output group and every level's (empty) array.
+    codec: str,
+    level: int,
+    owner: dict[str, Any],
+) -> dict[str, bytes]:
+    """Every Zarr metadata document of the empty output, by store key (made in memory)."""
+    from zarr.storage import MemoryStore
 
-    An existing output written by this workflow with the same ``identity``
-    is kept as it is (a rerun resumes). Anything else at ``path`` is refused
-    unless ``overwrite``.
-
-    Returns
-    -------
-    str
-        ``"created"``, ``"resumed"`` or ``"replaced"``.
-    """
-    path = Path(path)
-    state = check_owner(path, identity=identity, overwrite=overwrite)
-    if state == "resume":
-        return "resumed"
-    if state == "replace":
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(str(path), mode="w-", zarr_format=ngff.zarr_format)  # type: ignore[arg-type]
+    documents: dict[str, Any] = {}
+    group = zarr.open_group(
+        store=MemoryStore(store_dict=documents),
+        mode="w",
+        zarr_format=ngff.zarr_format,  # type: ignore[arg-type]
+        attributes={OWNER_KEY: owner},
+    )
     for k, lev in enumerate(plan.levels):
         kwargs: dict[str, Any] = {
             "name": str(k),
@@ -250,9 +332,74 @@ def prepare_store(
         else:
             kwargs["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
         group.create_array(**kwargs)
-    # Written last: a store without the owner record is not ours, so a crash
-    # above is refused on the next run rather than silently resumed.
-    group.attrs[OWNER_KEY] = {"identity": identity, "plan_dataset": plan.dataset}
+    return {key: buffer.to_bytes() for key, buffer in documents.items()}
+
+
+def _parsed(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def _root_key(key: str) -> bool:
+    return "/" not in key
+
+
+def prepare_store(
+    plan: Plan,
+    path: str | Path,
+    *,
+    ngff: NgffFormat,
+    dtype: str,
+    codec: str = "zstd",
+    level: int = 1,
+    identity: str,
+    overwrite: bool = False,
+    protected: Sequence[str | Path] = (),
+) -> str:
+    """Create the output group and every level's (empty) array, or resume it.
+
+    The identity record is written first, atomically, so a store whose
+    creation was cut short (a kill, a full disk) is recognised as ours and
+    completed by the next run. Each metadata document is then put in place
+    atomically. On resume, a document that is missing or unreadable (and an
+    array's that differs from the plan) is written again; stored pixels are
+    never touched. Anything tilefusion did not write is refused (see
+    :func:`check_owner`).
+
+    Returns
+    -------
+    str
+        ``"created"``, ``"resumed"``, ``"repaired"`` (resumed, with metadata
+        written again) or ``"replaced"``.
+    """
+    path = Path(path)
+    state = check_owner(path, identity=identity, overwrite=overwrite, protected=protected)
+    if state == "replace":
+        _empty_folder(path)
+    path.mkdir(parents=True, exist_ok=True)
+    owner = {"identity": identity, "plan_dataset": plan.dataset}
+    if state != "resume" or read_owner(path) != owner:
+        write_json_atomic(path / IDENTITY_FILE, owner)
+    documents = _metadata_documents(
+        plan, ngff=ngff, dtype=dtype, codec=codec, level=level, owner=owner
+    )
+    repaired = False
+    for key, data in documents.items():
+        target = path / key
+        if state == "resume":
+            found = _parsed(target)
+            if not isinstance(found, dict):
+                found = {"unreadable": True}
+            # The root's attributes gain the NGFF metadata later: keep a readable root.
+            readable_root = _root_key(key) and found.get("zarr_format", 2) == ngff.zarr_format
+            if isinstance(found, dict) and (readable_root or found == json.loads(data)):
+                continue
+            repaired = True
+        write_bytes_atomic(target, data)
+    if state == "resume":
+        return "repaired" if repaired else "resumed"
     return "replaced" if state == "replace" else "created"
 
 

@@ -20,7 +20,11 @@ MARKERS = f"{RESULTS}/markers"
 # checked once, by the main process, not again inside every job.
 try:
     config.update(load_config(config, source="config"))
-    PLAN = steps.plan_for_run(config, main_process=workflow.is_main_process)
+    PLAN = steps.plan_for_run(
+        config,
+        main_process=workflow.is_main_process,
+        protected=[str(f) for f in workflow.configfiles],
+    )
 except InputError as error:
     sys.exit(f"tilefusion: error: {error}")
 
