@@ -82,14 +82,14 @@ def test_killed_fuse_job_reruns_alone_and_identically(demo_xml, tmp_path, clean_
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    markers = tmp_path / "results/tilefusion/markers/level0"
+    markers = tmp_path / "results/tilefusion/fused/markers/level0"
     killed_range = None
     deadline = time.monotonic() + 300
     try:
         # Wait until a range's job is inside its fusion: it has logged its
         # device but not yet its summary line, and has no marker.
         while time.monotonic() < deadline and killed_range is None:
-            for log in sorted((tmp_path / "logs/tilefusion/fuse").glob("range*.log")):
+            for log in sorted((tmp_path / "logs/tilefusion/fused/fuse").glob("range*.log")):
                 r = int(re.search(r"range(\d+)", log.name).group(1))
                 text = log.read_text()
                 busy = "device" in text and "objects" not in text
@@ -125,14 +125,14 @@ def test_validate_names_damage_and_its_command_restores_it(demo_xml, tmp_path, c
 
     result = _run(tmp_path, configfile, "--forcerun", "validate")
     assert result.returncode != 0
-    log = (tmp_path / "logs/tilefusion/validate.log").read_text()
+    log = (tmp_path / "logs/tilefusion/fused/validate.log").read_text()
     assert str(lost.relative_to(store)) in log and "missing" in log
     assert str(damaged.relative_to(store)) in log and "corrupt" in log
     command = re.search(r"rerun with: (snakemake .*)", log).group(1)
     args = shlex.split(command)
     forced = [a for a in args if a.endswith(".json") and "markers" in a]
     assert forced and all("level0" in a for a in forced)
-    plan = read_plan(tmp_path / "results/tilefusion/plan.json")
+    plan = read_plan(tmp_path / "results/tilefusion/fused/plan.json")
     assert len(forced) < plan.grid.n_ranges
 
     rerun = subprocess.run(
@@ -246,5 +246,5 @@ def test_changed_settings_rerun_everything_only_with_overwrite(demo_xml, tmp_pat
     dry = _run(tmp_path, configfile, "-n", "--quiet", "rules")
     assert re.search(r"^fuse\s+\d+$", dry.stdout, flags=re.M), dry.stdout
     assert _run(tmp_path, configfile).returncode == 0
-    report = json.loads((tmp_path / "results/tilefusion/qc_report.json").read_text())
+    report = json.loads((tmp_path / "results/tilefusion/fused/qc_report.json").read_text())
     assert report["ok"]

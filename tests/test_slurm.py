@@ -220,7 +220,7 @@ def test_demo_on_slurm_one_gpu_job_at_a_time(slurm_cluster, tmp_path):
         watcher.join(timeout=30)
     seconds = time.monotonic() - started
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-    report = json.loads((workdir / "results/tilefusion/qc_report.json").read_text())
+    report = json.loads((workdir / "results/tilefusion/fused/qc_report.json").read_text())
     assert report["ok"]
 
     jobs = [j for j in _jobs() if j["JobId"] not in known]
@@ -249,7 +249,7 @@ def test_demo_on_slurm_one_gpu_job_at_a_time(slurm_cluster, tmp_path):
     # each job logged its device, and why it is not the GPU
     for job in fuse:
         index = job["Comment"].rpartition("_")[2]
-        text = (workdir / f"logs/tilefusion/fuse/range{index}.log").read_text()
+        text = (workdir / f"logs/tilefusion/fused/fuse/range{index}.log").read_text()
         assert f"range {index}: device cpu" in text
         assert "given GPU(s) (CUDA_VISIBLE_DEVICES=0) but CUDA is not usable" in text
     print(

@@ -74,7 +74,7 @@ def test_demo_runs_end_to_end_from_another_folder(tmp_path):
     shutil.copytree(ROOT / "config", tmp_path / "config")
     result = snakemake(tmp_path, "--cores", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "results/tilefusion/qc_report.json").read_text())
+    report = json.loads((tmp_path / "results/tilefusion/fused/qc_report.json").read_text())
     assert report["ok"]
     assert (tmp_path / "resources/demo/dataset.xml").exists()
     # nothing to do on a second run

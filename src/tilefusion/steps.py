@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from tilefusion.readers.base import Dataset
 __all__ = [
     "assemble",
     "check_output_path",
+    "check_state_owner",
     "downsample",
     "fuse",
     "fuse_memory_mb",
@@ -36,7 +38,9 @@ __all__ = [
     "plan_settings_digest",
     "prepare",
     "protected_paths",
+    "refresh_inputs_record",
     "run_logged",
+    "state_name",
     "store_identity",
     "validate",
     "write_json",
@@ -56,6 +60,39 @@ _NOT_IDENTITY = {
 def write_json(path: str | Path, data: Mapping[str, Any]) -> None:
     """Write JSON atomically and durably (see :mod:`tilefusion.atomic`)."""
     write_json_atomic(path, data)
+
+
+def state_name(config: Mapping[str, Any]) -> str:
+    """The name of an output's workflow state folder (plan, markers, logs): its stem.
+
+    ``results/fused.ome.zarr`` gives ``fused``; so two configurations that
+    write two outputs in one working directory keep apart.
+    """
+    name = Path(str(config["output"]["path"])).name
+    for suffix in (".ome.zarr", ".zarr"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return name or "fused"
+
+
+def check_state_owner(path: str | Path, config: Mapping[str, Any]) -> None:
+    """Refuse a state folder (its inputs record at ``path``) kept for another output.
+
+    Two outputs with the same stem in one working directory would share it.
+    """
+    try:
+        recorded = json.loads(Path(path).read_text()).get("output")
+    except (OSError, ValueError, AttributeError):
+        return
+    wanted = str(config["output"]["path"])
+    if recorded is not None and recorded != wanted:
+        raise InputError(
+            wanted,
+            "output.path",
+            f"{Path(path).parent} holds the workflow state of the output {recorded}, "
+            "which has the same name; give this output another file name",
+        )
 
 
 def store_identity(config: Mapping[str, Any]) -> str:
@@ -136,7 +173,11 @@ def plan_from_config(
 def write_plan(config: Mapping[str, Any], *, plan_path: str, manifest_path: str) -> Plan:
     """The plan step: check the tiles against the metadata, write plan and manifest."""
     plan = plan_from_config(config, metadata_only=False)
-    Path(plan_path).parent.mkdir(parents=True, exist_ok=True)
+    _write_plan_files(plan, plan_path=plan_path, manifest_path=manifest_path)
+    return plan
+
+
+def _write_plan_files(plan: Plan, *, plan_path: str, manifest_path: str) -> None:
     plan.write(plan_path)
     write_manifest(plan, manifest_path)
     level = plan.grid
@@ -152,7 +193,6 @@ def write_plan(config: Mapping[str, Any], *, plan_path: str, manifest_path: str)
         level.n_ranges,
         len(plan.levels),
     )
-    return plan
 
 
 def _output_dtype(config: Mapping[str, Any], plan: Plan) -> str:
@@ -238,11 +278,53 @@ def prepare(config: Mapping[str, Any], *, plan_path: str, record_path: str) -> d
     return record
 
 
+def refresh_inputs_record(
+    path: str | Path, config: Mapping[str, Any], plan: Plan | None = None
+) -> bool:
+    """Write the inputs' fingerprint to ``path`` when it changed; return whether it did.
+
+    The workflow's plan rule takes this file as an input: rewritten after a
+    tile changed, it is newer than the plan, so the plan and every job after
+    it run again. The plan step refreshes it before writing the plan.
+    ``plan`` (default: planned from the metadata) gives the tiles.
+    """
+    from tilefusion.readers import inputs_fingerprint
+
+    if plan is None:
+        plan = plan_from_config(config)
+    record = {
+        "dataset": str(config["dataset"]),
+        "output": str(config["output"]["path"]),
+        "fingerprint": inputs_fingerprint(
+            str(config["dataset"]), [tile.source for tile in plan.tiles]
+        ),
+    }
+    try:
+        if json.loads(Path(path).read_text()) == record:
+            return False
+    except (OSError, ValueError):
+        pass
+    write_json(path, record)
+    return True
+
+
 def plan_and_prepare(
-    config: Mapping[str, Any], *, plan_path: str, manifest_path: str, record_path: str
+    config: Mapping[str, Any],
+    *,
+    plan_path: str,
+    manifest_path: str,
+    record_path: str,
+    inputs_record: str | None = None,
 ) -> dict[str, Any]:
-    """The workflow's plan rule: :func:`write_plan`, then :func:`prepare` (one process)."""
-    write_plan(config, plan_path=plan_path, manifest_path=manifest_path)
+    """The workflow's plan rule: :func:`write_plan`, then :func:`prepare` (one process).
+
+    ``inputs_record`` (the inputs' fingerprint, see :func:`refresh_inputs_record`)
+    is brought up to date first, so that it is older than the plan.
+    """
+    plan = plan_from_config(config, metadata_only=False)
+    if inputs_record:
+        refresh_inputs_record(inputs_record, config, plan)
+    _write_plan_files(plan, plan_path=plan_path, manifest_path=manifest_path)
     return prepare(config, plan_path=plan_path, record_path=record_path)
 
 
@@ -336,9 +418,25 @@ def assemble(
     config = load_config(config)
     plan = read_plan(plan_path)
     output = config["output"]
-    top = [json.loads(Path(m).read_text()) for m in markers]
-    level0 = merge_stats([m["stats"] for m in top if m["level"] == 0 and m.get("stats")])
-    dtype = np.dtype(open_level(output["path"], 0, mode="r").dtype)
+    top = []
+    for path in markers:
+        try:
+            marker = json.loads(Path(path).read_text())
+            top.append((int(marker["level"]), marker.get("stats")))
+        except (OSError, ValueError, KeyError, TypeError):
+            raise InputError(
+                str(path), "marker", "missing or unreadable; rerun its job (--force this file)"
+            ) from None
+    level0 = merge_stats([stats for level, stats in top if level == 0 and stats])
+    try:
+        dtype = np.dtype(open_level(output["path"], 0, mode="r").dtype)
+    except Exception as exc:  # damaged Zarr metadata: the plan step writes it again
+        raise InputError(
+            f"{output['path']}/0",
+            "array metadata",
+            f"missing or unreadable ({exc.__class__.__name__}); rerun the plan step "
+            "(snakemake --forcerun plan)",
+        ) from None
     dtype_max = (
         float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else float(level0["max"])
     )
@@ -356,9 +454,15 @@ def assemble(
     return record
 
 
-def rerun_command(bad_ranges: Sequence[Sequence[int]], *, markers_dir: str, target: str) -> str:
-    """The command that reruns exactly the given ranges (and what depends on them)."""
-    forced = [str(marker_path(markers_dir, lv, r)) for lv, r in bad_ranges]
+def rerun_command(
+    bad_ranges: Sequence[Sequence[int]],
+    *,
+    markers_dir: str,
+    target: str,
+    also: Sequence[str] = (),
+) -> str:
+    """The command that reruns exactly the given ranges and steps (and what depends on them)."""
+    forced = [*also, *(str(marker_path(markers_dir, lv, r)) for lv, r in bad_ranges)]
     return shlex.join(["snakemake", "--cores", "all", "--force", *forced, target])
 
 
@@ -370,8 +474,14 @@ def validate(
     report_path: str,
     target: str = "",
     decode_all: bool = False,
+    store_record: str | None = None,
+    assemble_record: str | None = None,
 ) -> dict[str, Any]:
     """Check the output against every marker and the NGFF metadata; write the report.
+
+    ``store_record`` and ``assemble_record`` are the outputs of the plan and
+    assemble steps, forced in the rerun command when the Zarr or the OME-NGFF
+    metadata is damaged.
 
     Raises
     ------
@@ -396,17 +506,28 @@ def validate(
         markers=markers,
         decode_all=decode_all,
     )
-    if report["bad_ranges"]:
+    also = []
+    if report["structure_damaged"] and store_record:
+        also.append(store_record)
+    elif report["metadata_problems"] and assemble_record:
+        also.append(assemble_record)
+    if report["bad_ranges"] or also:
         report["rerun"] = rerun_command(
-            report["bad_ranges"], markers_dir=markers_dir, target=target or report_path
+            report["bad_ranges"],
+            markers_dir=markers_dir,
+            target=target or report_path,
+            also=also,
         )
     write_json(report_path, report)
     if not report["ok"]:
         for line in report["problems"]:
             log.error("%s", line)
         hint = f"; rerun with: {report['rerun']}" if report.get("rerun") else ""
+        first = report["problems"][0]
         raise InputError(
-            config["output"]["path"], "validation", f"{len(report['problems'])} problem(s){hint}"
+            config["output"]["path"],
+            "validation",
+            f"{len(report['problems'])} problem(s), first: {first}{hint}",
         )
     return report
 

@@ -54,6 +54,12 @@ def _metadata_problems(store_path: Path, ngff: NgffFormat, plan: Plan) -> list[s
         except KeyError:
             problems.append(f"{store_path}: level {k} array {entry.get('path')!r} missing")
             continue
+        except Exception as exc:  # unreadable metadata is a finding
+            problems.append(
+                f"{store_path}: level {k} array {entry.get('path')!r} unreadable "
+                f"({exc.__class__.__name__})"
+            )
+            continue
         if not isinstance(array, zarr.Array):
             problems.append(f"{store_path}: level {k} {entry['path']!r} is not an array")
         elif tuple(array.shape) != level.shape_zyx:
@@ -77,6 +83,49 @@ def _schema_problems(store_path: Path, ngff: NgffFormat) -> list[str]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         return [f"{store_path}: OME-NGFF {ngff.version} metadata invalid: {first}"]
     return []
+
+
+def _array_problem(store_path: Path, level_index: int) -> str | None:
+    """Why a level's array metadata cannot be used, or None when it can."""
+    try:
+        zarr.open_array(str(store_path / str(level_index)), mode="r")
+    except Exception as exc:  # missing or damaged metadata is a finding, not a crash
+        return (
+            f"{store_path / str(level_index)}: level {level_index} array metadata "
+            f"missing or unreadable ({exc.__class__.__name__})"
+        )
+    return None
+
+
+def _group_problem(store_path: Path) -> str | None:
+    try:
+        zarr.open_group(str(store_path), mode="r")
+    except Exception as exc:  # as above
+        return (
+            f"{store_path}: output group metadata missing or unreadable ({exc.__class__.__name__})"
+        )
+    return None
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    """A marker, or None when it is missing, unreadable or not a marker."""
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or not isinstance(marker.get("objects"), dict):
+        return None
+    if not all(isinstance(k, str) and "/" in k for k in marker["objects"]):
+        return None
+    return marker
+
+
+def _digest(path: Path) -> str | None:
+    """SHA-256 of a stored object; a marker-proof token when it is not a readable file."""
+    try:
+        return object_digest(path)
+    except OSError as exc:  # a folder in the object's place, no permission, ...
+        return f"unreadable ({exc.__class__.__name__})"
 
 
 def _decodes(array: zarr.Array, key: str) -> bool:
@@ -125,27 +174,39 @@ def validate_output(
     -------
     dict
         The QC report: ``ok``, ``problems`` (one line each), ``bad_ranges``
-        (``[level, range]`` pairs to rerun) and per-level statistics.
+        (``[level, range]`` pairs to rerun), ``structure_damaged`` (Zarr
+        metadata missing or unreadable: the plan step repairs it),
+        ``metadata_problems`` (OME-NGFF metadata: the assemble step rewrites
+        it) and per-level statistics.
     """
     store_path = Path(store_path)
     problems: list[str] = []
     bad: set[tuple[int, int]] = set()
     level_stats: dict[int, list[Mapping[str, float | int]]] = {}
-    arrays: dict[int, zarr.Array] = {}
     loaded: dict[tuple[int, int], dict[str, Any]] = {}
     for (level_index, range_index), marker_path in sorted(markers.items()):
-        try:
-            loaded[level_index, range_index] = json.loads(Path(marker_path).read_text())
-        except (OSError, json.JSONDecodeError):
+        marker = _read_marker(Path(marker_path))
+        if marker is None:
             problems.append(f"{marker_path}: marker missing or unreadable")
             bad.add((level_index, range_index))
+        else:
+            loaded[level_index, range_index] = marker
+    # Damaged Zarr metadata is repaired by the plan step, which every job follows.
+    structure = [p for p in [_group_problem(store_path)] if p]
+    arrays: dict[int, zarr.Array] = {}
+    for k in range(len(plan.levels)):
+        problem = _array_problem(store_path, k)
+        if problem:
+            structure.append(problem)
+        else:
+            arrays[k] = zarr.open_array(str(store_path / str(k)), mode="r")
     keys = [key for marker in loaded.values() for key in marker["objects"]]
     # Hashing dominates validation and releases the GIL: one thread per CPU,
     # while the metadata check (mostly importing its models) runs beside it.
     with ThreadPoolExecutor(max_workers=_cpus()) as pool:
-        metadata = pool.submit(_metadata_problems, store_path, ngff, plan)
-        digests = dict(zip(keys, pool.map(lambda k: object_digest(store_path / k), keys)))
-        metadata_problems = metadata.result()
+        metadata = None if structure else pool.submit(_metadata_problems, store_path, ngff, plan)
+        digests = dict(zip(keys, pool.map(lambda k: _digest(store_path / k), keys)))
+        metadata_problems = metadata.result() if metadata else []
     for (level_index, range_index), marker in loaded.items():
         level_stats.setdefault(level_index, []).append(marker.get("stats", {}))
         decoded = False
@@ -155,22 +216,29 @@ def validate_output(
                 what = (
                     "missing" if found is None else "unexpected" if promised is None else "corrupt"
                 )
+                if found is not None and found.startswith("unreadable"):
+                    what = f"not a readable file, {found}"
                 problems.append(
                     f"{store_path / key}: {what} (level {level_index} range {range_index})"
                 )
                 bad.add((level_index, range_index))
-            elif found is not None and (decode_all or not decoded):
+            elif found is not None and level_index in arrays and (decode_all or not decoded):
                 decoded = True
-                if level_index not in arrays:
-                    arrays[level_index] = zarr.open_array(
-                        str(store_path / str(level_index)), mode="r"
-                    )
                 relative = key.split("/", 1)[1]
                 if not _decodes(arrays[level_index], relative):
                     where = f"level {level_index} range {range_index}"
                     problems.append(f"{store_path / key}: does not decode ({where})")
                     bad.add((level_index, range_index))
+    problems.extend(structure)
     problems.extend(metadata_problems)
+    level0 = [p for p in level_stats.get(0, []) if p]
+    if plan.tiles and level0 and len(level0) == plan.grid.n_ranges:
+        covered = merge_stats(level0)["covered"]
+        if not covered:
+            problems.append(
+                f"{store_path}: no voxel of level 0 holds data although "
+                f"{len(plan.tiles)} tile(s) lie in the grid (coverage 0)"
+            )
     levels = []
     for k, level in enumerate(plan.levels):
         parts = [p for p in level_stats.get(k, []) if p]
@@ -194,5 +262,7 @@ def validate_output(
         "ok": not problems,
         "problems": problems,
         "bad_ranges": sorted([list(b) for b in bad]),
+        "structure_damaged": bool(structure),
+        "metadata_problems": bool(metadata_problems),
         "levels": levels,
     }

@@ -6,9 +6,9 @@ rule downsample:
     output:
         marker=f"{MARKERS}/level{{level}}/range{{range}}.json",
     log:
-        "logs/tilefusion/downsample/level{level}-range{range}.log",
+        f"{LOGS}/downsample/level{{level}}-range{{range}}.log",
     benchmark:
-        "benchmarks/tilefusion/downsample/level{level}-range{range}.tsv"
+        f"{BENCHMARKS}/downsample/level{{level}}-range{{range}}.tsv"
     wildcard_constraints:
         level=r"[1-9]\d*",
     conda:
@@ -26,7 +26,7 @@ rule assemble:
     output:
         record=ASSEMBLE_RECORD,
     log:
-        "logs/tilefusion/assemble.log",
+        f"{LOGS}/assemble.log",
     localrule: True
     conda:
         "../../envs/tilefusion.yaml"

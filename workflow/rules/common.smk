@@ -5,26 +5,36 @@ from tilefusion import steps
 from tilefusion.config import load_config
 from tilefusion.errors import InputError
 
-RESULTS = "results/tilefusion"
-PLAN_JSON = f"{RESULTS}/plan.json"
-MANIFEST_TSV = f"{RESULTS}/manifest.tsv"
-STORE_RECORD = f"{RESULTS}/store.json"
-ASSEMBLE_RECORD = f"{RESULTS}/assemble.json"
-QC_REPORT = f"{RESULTS}/qc_report.json"
-MARKERS = f"{RESULTS}/markers"
-
-
 # Users' mistakes stop the run here, before any job, with one line naming the
 # file and field; the plan is made from metadata only, so every fuse job is in
 # the DAG (and in `snakemake -n`) from the start. Tiles and the output are
 # checked once, by the main process, not again inside every job.
 try:
     config.update(load_config(config, source="config"))
+    # Per output, so that two configurations in one working directory keep apart.
+    STATE = steps.state_name(config)
+    RESULTS = f"results/tilefusion/{STATE}"
+    LOGS = f"logs/tilefusion/{STATE}"
+    BENCHMARKS = f"benchmarks/tilefusion/{STATE}"
+    PLAN_JSON = f"{RESULTS}/plan.json"
+    MANIFEST_TSV = f"{RESULTS}/manifest.tsv"
+    STORE_RECORD = f"{RESULTS}/store.json"
+    ASSEMBLE_RECORD = f"{RESULTS}/assemble.json"
+    QC_REPORT = f"{RESULTS}/qc_report.json"
+    MARKERS = f"{RESULTS}/markers"
+    INPUTS_RECORD = f"{RESULTS}/inputs.json"
     PLAN = steps.plan_for_run(
         config,
         main_process=workflow.is_main_process,
         protected=[str(f) for f in workflow.configfiles],
     )
+    # Rewritten when a tile changed since the plan, so the plan reruns; a dry
+    # run writes nothing (the inputs_record rule makes a missing one).
+    if workflow.is_main_process:
+        steps.check_state_owner(INPUTS_RECORD, config)
+        # At parse time only the output settings know of -n.
+        if not workflow.output_settings.dryrun:
+            steps.refresh_inputs_record(INPUTS_RECORD, config, PLAN)
 except InputError as error:
     sys.exit(f"tilefusion: error: {error}")
 

@@ -5,9 +5,9 @@ rule fuse:
     output:
         marker=f"{MARKERS}/level0/range{{range}}.json",
     log:
-        "logs/tilefusion/fuse/range{range}.log",
+        f"{LOGS}/fuse/range{{range}}.log",
     benchmark:
-        "benchmarks/tilefusion/fuse/range{range}.tsv"
+        f"{BENCHMARKS}/fuse/range{{range}}.tsv"
     conda:
         "../../envs/tilefusion.yaml"
     threads: 4

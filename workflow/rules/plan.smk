@@ -4,11 +4,23 @@ if config["demo"]:
         output:
             get_dataset(),
         log:
-            "logs/tilefusion/demo_dataset.log",
+            f"{LOGS}/demo_dataset.log",
         conda:
             "../../envs/tilefusion.yaml"
         script:
             "../scripts/demo_dataset.py"
+
+
+rule inputs_record:
+    output:
+        INPUTS_RECORD,
+    log:
+        f"{LOGS}/inputs_record.log",
+    localrule: True
+    conda:
+        "../../envs/tilefusion.yaml"
+    script:
+        "../scripts/inputs_record.py"
 
 
 # Metadata work, seconds even for 10,000 tiles: it runs where Snakemake itself
@@ -16,12 +28,13 @@ if config["demo"]:
 rule plan:
     input:
         dataset=get_dataset(),
+        inputs=INPUTS_RECORD,
     output:
         plan=PLAN_JSON,
         manifest=MANIFEST_TSV,
         store=STORE_RECORD,
     log:
-        "logs/tilefusion/plan.log",
+        f"{LOGS}/plan.log",
     localrule: True
     conda:
         "../../envs/tilefusion.yaml"

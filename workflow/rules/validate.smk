@@ -1,12 +1,13 @@
 rule validate:
     input:
         plan=PLAN_JSON,
+        store=STORE_RECORD,
         assembled=ASSEMBLE_RECORD,
         markers=get_all_markers(),
     output:
         report=QC_REPORT,
     log:
-        "logs/tilefusion/validate.log",
+        f"{LOGS}/validate.log",
     conda:
         "../../envs/tilefusion.yaml"
     params:

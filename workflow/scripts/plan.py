@@ -7,4 +7,5 @@ run_logged(
     plan_path=snakemake.output.plan,
     manifest_path=snakemake.output.manifest,
     record_path=snakemake.output.store,
+    inputs_record=snakemake.input.inputs,
 )

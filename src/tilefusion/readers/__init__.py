@@ -7,7 +7,10 @@ reading metadata only, that every view's array exists and matches.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from tilefusion.errors import InputError
@@ -22,6 +25,7 @@ __all__ = [
     "TileArray",
     "View",
     "check_arrays",
+    "inputs_fingerprint",
     "open_array",
     "read_bdv_xml",
     "read_dataset",
@@ -75,3 +79,50 @@ def check_arrays(dataset: Dataset) -> None:
                 f"{field} dtype",
                 f"array is {array.dtype.name} but {dataset.path} says {view.dtype}",
             )
+
+
+def _stat_entry(path: str) -> list[object]:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return [path, None]
+    return [path, info.st_size, info.st_mtime_ns]
+
+
+def _container_state(source: ArraySource) -> list[object]:
+    """Size and modification time of a container and of what its top folders hold.
+
+    A file (TIFF, HDF5) changes its size or time with any edit. A folder
+    (Zarr, N5) is summarised by its own entries and those of the array's
+    folder, which change when metadata or a top-level object is rewritten; a
+    chunk rewritten in place deeper down is not seen (see config/README.md).
+    """
+    state: list[object] = [_stat_entry(source.path)]
+    folders = [source.path]
+    if source.key and os.path.isdir(source.path):
+        folders.append(os.path.join(source.path, source.key))
+    for folder in folders:
+        try:
+            with os.scandir(folder) as entries:
+                names = sorted(e.name for e in entries)
+        except OSError:  # a file, or gone: its own stat says so
+            continue
+        state.extend(_stat_entry(os.path.join(folder, name)) for name in names)
+    return state
+
+
+def inputs_fingerprint(dataset_path: str, sources: Iterable[ArraySource]) -> str:
+    """A short digest of the dataset file and every tile container's size and time.
+
+    Changes when a tile is rewritten, so a run made before is not taken as
+    current; reads no pixels.
+    """
+    state: list[object] = [_stat_entry(str(dataset_path))]
+    seen: set[tuple[str, str]] = set()
+    for source in sources:
+        if "://" in source.path or (source.path, source.key) in seen:
+            continue
+        seen.add((source.path, source.key))
+        state.append(_container_state(source))
+    text = json.dumps(state, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
