@@ -1,3 +1,4 @@
+import itertools
 import json
 import math
 import os
@@ -278,3 +279,129 @@ def test_post_transforms_apply_after_registration_in_physical_units():
     assert stretched.origin_zyx[2] == pytest.approx(100.0)
     with pytest.raises(InputError, match=r"post_transforms\[0\]"):
         post_transform_affine([{"scale": [1.0, 0.0, 1.0]}], source="config")
+
+
+def _reference_starts(shape, shards, range_voxels):
+    """The range starts as planning computed them from every shard's voxels."""
+    sizes = [
+        np.minimum(s, n - np.arange(math.ceil(n / s), dtype=np.int64) * s)
+        for n, s in zip(shape, shards)
+    ]
+    voxels = np.multiply.outer(np.multiply.outer(sizes[0], sizes[1]), sizes[2]).ravel()
+    total = int(voxels.sum())
+    count = max(1, math.ceil(total / max(range_voxels, 1)))
+    before = np.cumsum(voxels) - voxels
+    targets = np.arange(1, count) * (total / count)
+    cuts = np.searchsorted(before, targets, side="left")
+    starts = np.unique(np.concatenate([[0], cuts]))
+    return [int(v) for v in starts[starts < len(voxels)]], voxels
+
+
+def _check_cuts(cuts, starts, voxels):
+    n = len(voxels)
+    assert cuts.n_ranges == len(starts)
+    assert cuts.starts(np.arange(cuts.n_ranges)).tolist() == starts
+    flat = np.arange(n)
+    expected = np.searchsorted(np.asarray(starts), flat, side="right") - 1
+    assert np.array_equal(cuts.range_of(flat), expected)
+    stops = [*starts[1:], n]
+    for r in {0, cuts.n_ranges // 3, cuts.n_ranges - 1}:
+        assert cuts.bounds(r) == (starts[r], stops[r])
+    edges = np.concatenate([[0], np.cumsum(voxels)])
+    assert cuts.max_range_voxels == max(edges[b] - edges[a] for a, b in zip(starts, stops))
+
+
+def test_range_cuts_from_axis_counts_equal_the_per_shard_ones():
+    import random
+
+    from tilefusion.plan import RangeCuts
+
+    rng = random.Random(1)
+    modes = set()
+    for _ in range(400):
+        shape = tuple(rng.randint(1, rng.choice([5, 40, 200])) for _ in range(3))
+        chunks = tuple(rng.choice([1, 2, 3, 4, 8, 16]) for _ in range(3))
+        shards = tuple(c * rng.choice([1, 1, 2, 3]) for c in chunks)
+        range_voxels = rng.choice([1, 2, 3, 4, 8, 16, 64, 1000]) * math.prod(chunks)
+        starts, voxels = _reference_starts(shape, shards, range_voxels)
+        cuts = RangeCuts(shape, shards, range_voxels)
+        modes.add(cuts.mode)
+        _check_cuts(cuts, starts, voxels)
+        # the row-by-row count holds for every grid, not only those it is used for
+        _check_cuts(RangeCuts(shape, shards, range_voxels, mode="rows"), starts, voxels)
+    assert modes == {"cuts", "shards", "rows"}
+
+
+def test_range_cuts_keep_the_float_rounding_of_the_targets():
+    # 3600 voxels in 27 ranges: target 15 is 15 * 3600 / 27 = 2000 voxels,
+    # the start of shard 25, but float64(15) * (3600 / 27) rounds above 2000,
+    # so planning always cut at shard 26, not 25 as exact arithmetic would.
+    from tilefusion.plan import RangeCuts
+
+    shape, shards, range_voxels = (18, 10, 20), (8, 5, 2), 134
+    assert 15.0 * (3600 / 27) > 2000
+    starts, voxels = _reference_starts(shape, shards, range_voxels)
+    assert int(np.sum(voxels[:25])) == 2000
+    assert starts[15] == 26 and 25 not in starts
+    _check_cuts(RangeCuts(shape, shards, range_voxels), starts, voxels)
+    _check_cuts(RangeCuts(shape, shards, range_voxels, mode="rows"), starts, voxels)
+
+
+def test_range_cuts_of_a_grid_too_big_to_count_by_rows_are_valid():
+    from tilefusion.plan import RangeCuts
+
+    shape, shards = (37, 45, 50), (4, 4, 8)
+    exact = RangeCuts(shape, shards, math.prod(shards))
+    assert exact.mode == "rows"
+    cuts = RangeCuts(shape, shards, math.prod(shards), max_rows=10)
+    assert cuts.mode == "cuts" and cuts.count == math.prod(shape) // math.prod(shards)
+    starts = cuts.starts(np.arange(cuts.n_ranges)).tolist()
+    assert starts[0] == 0 and all(a < b for a, b in itertools.pairwise(starts))
+    assert starts[-1] < cuts.n_shards == exact.n_shards
+    flat = np.arange(cuts.n_shards)
+    assert np.array_equal(
+        cuts.range_of(flat), np.searchsorted(np.asarray(starts), flat, side="right") - 1
+    )
+    # no range is less than one full shard, nor more than twice its share
+    assert cuts.max_range_voxels < 2 * math.prod(shards) + math.prod(shape) / cuts.count
+
+
+def test_a_huge_grid_is_planned_in_small_memory():
+    import tracemalloc
+
+    # a 1 mm x 10 mm x 10 mm tile fused at 1 nm: 1e20 voxels, 1e14 shards of 1 Mvoxel
+    view = View(
+        setup=0,
+        timepoint=0,
+        shape_zyx=(100, 1000, 1000),
+        voxel_size_zyx=(10.0, 10.0, 10.0),
+        model=geometry.identity(),
+        source=ArraySource("memory", "big"),
+        calibration_zyx=(1.0, 1.0, 1.0),
+    )
+    dataset = Dataset("d.xml", "micrometer", (view,))
+    tracemalloc.start()
+    try:
+        plans = [
+            make_plan(dataset, resolution_zyx=(0.001,) * 3, chunks_zyx=chunks, **kwargs)
+            for chunks, kwargs in [
+                ((64, 128, 128), {}),
+                ((32, 64, 64), {"shards_zyx": (64, 128, 128), "chunks_per_range": 8}),
+                ((1, 1, 1), {"chunks_per_range": 8}),
+            ]
+        ]
+        for plan in plans:
+            level = plan.grid
+            last = level.range_bounds(level.n_ranges - 1)
+            middle = range_shards(level, level.n_ranges // 2)
+            assert plan.to_json()["ranges"] == level.n_ranges
+            assert level.max_range_voxels() >= 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20
+    level = plans[0].grid
+    assert math.prod(level.shape_zyx) > 9e19
+    assert level.n_ranges == math.ceil(math.prod(level.shape_zyx) / (1024 * 64 * 128 * 128))
+    assert last[1] == plans[-1].grid.n_shards and middle
+    assert len(plans[0].levels) == 16

@@ -19,6 +19,7 @@ fuse job writes any stored object.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -39,6 +40,7 @@ __all__ = [
     "Level",
     "Plan",
     "PlannedTile",
+    "RangeCuts",
     "Shape3",
     "chunk_tile_pairs",
     "make_plan",
@@ -50,7 +52,8 @@ __all__ = [
     "write_manifest",
 ]
 
-PLAN_VERSION = 1
+# 2: levels state range_voxels instead of listing every range's first shard.
+PLAN_VERSION = 2
 Shape3 = tuple[int, int, int]
 Float3 = tuple[float, float, float]
 
@@ -133,11 +136,12 @@ class Level:
         Downsampling factor from the previous level (1 for level 0).
     scale_zyx, translation_zyx : tuple of float
         Physical voxel size and position of voxel (0, 0, 0)'s centre.
-    range_starts : tuple of int
-        Flat (C-order) index of the first shard of each range; a range is the
-        run of shards up to the next start. Ranges hold about equal numbers
-        of voxels, so clipped shards at the grid's far faces do not make jobs
-        of their own.
+    range_voxels : int
+        Voxels one range should hold (``chunks_per_range`` chunks). The
+        C-ordered shards are cut into ranges of about equal voxels, so clipped
+        shards at the grid's far faces do not make jobs of their own; the cut
+        is computed from the per-axis shard counts (see :class:`RangeCuts`),
+        never from a list of every shard or range.
     """
 
     shape_zyx: Shape3
@@ -146,40 +150,42 @@ class Level:
     factor_zyx: Shape3
     scale_zyx: Float3
     translation_zyx: Float3
-    range_starts: tuple[int, ...]
+    range_voxels: int
 
     @property
     def shard_grid(self) -> Shape3:
-        return _shape3([math.ceil(s / c) for s, c in zip(self.shape_zyx, self.shards_zyx)])
+        return _shape3([-(-s // c) for s, c in zip(self.shape_zyx, self.shards_zyx)])
 
     @property
     def n_shards(self) -> int:
-        return int(np.prod(self.shard_grid))
+        return math.prod(self.shard_grid)
+
+    @functools.cached_property
+    def cuts(self) -> RangeCuts:
+        """How the shards are cut into ranges (computed once per level)."""
+        return RangeCuts(self.shape_zyx, self.shards_zyx, self.range_voxels)
 
     @property
     def n_ranges(self) -> int:
-        return len(self.range_starts)
+        return self.cuts.n_ranges
 
     def range_bounds(self, range_index: int) -> tuple[int, int]:
         """Flat shard indices ``[start, stop)`` of one range."""
         if not 0 <= range_index < self.n_ranges:
             raise IndexError(f"range {range_index} not in 0..{self.n_ranges - 1}")
-        stop = (
-            self.range_starts[range_index + 1] if range_index + 1 < self.n_ranges else self.n_shards
-        )
-        return self.range_starts[range_index], stop
+        return self.cuts.bounds(range_index)
 
     def range_of_shards(self, flat_shards: NDArray[np.int64]) -> NDArray[np.int64]:
         """The range of each flat shard index."""
-        starts = np.asarray(self.range_starts, dtype=np.int64)
-        return np.searchsorted(starts, flat_shards, side="right") - 1
+        return self.cuts.range_of(flat_shards)
 
     def max_range_voxels(self) -> int:
-        """Voxels of the largest range (what one job computes at most)."""
-        voxels = np.cumsum(_shard_voxels(self.shape_zyx, self.shards_zyx))
-        ends = np.append(np.asarray(self.range_starts[1:], dtype=np.int64), self.n_shards) - 1
-        totals = np.diff(np.concatenate([[0], voxels[ends]]))
-        return int(totals.max())
+        """Voxels of the largest range (what one job computes at most).
+
+        Exact up to 65,536 ranges; beyond, a bound less than one range's
+        share of the voxels plus one shard above the exact value.
+        """
+        return self.cuts.max_range_voxels
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -195,7 +201,7 @@ class Level:
             factor_zyx=_shape3(data["factor_zyx"]),
             scale_zyx=_float3(data["scale_zyx"]),
             translation_zyx=_float3(data["translation_zyx"]),
-            range_starts=tuple(int(v) for v in data["range_starts"]),
+            range_voxels=int(data["range_voxels"]),
         )
 
 
@@ -320,17 +326,7 @@ def _levels(
     n_levels: int | None,
 ) -> tuple[Level, ...]:
     range_voxels = chunks_per_range * math.prod(chunks)
-    levels = [
-        Level(
-            shape,
-            chunks,
-            shards,
-            (1, 1, 1),
-            resolution,
-            origin,
-            _range_starts(shape, shards, range_voxels),
-        )
-    ]
+    levels = [Level(shape, chunks, shards, (1, 1, 1), resolution, origin, range_voxels)]
     limit = n_levels if n_levels is not None else 16
     while len(levels) < limit:
         prev = levels[-1]
@@ -339,40 +335,224 @@ def _levels(
         factor = _shape3([2 if s > 1 else 1 for s in prev.shape_zyx])
         if factor == (1, 1, 1):
             break
-        new_shape = _shape3([math.ceil(s / f) for s, f in zip(prev.shape_zyx, factor)])
+        new_shape = _shape3([-(-s // f) for s, f in zip(prev.shape_zyx, factor)])
         # A level-k voxel averages f voxels of level k-1, so its centre sits
         # (f - 1) / 2 voxels of level k-1 past theirs.
         translation = _float3(
             [t + (f - 1) / 2 * r for t, f, r in zip(prev.translation_zyx, factor, prev.scale_zyx)]
         )
         new_scale = _float3([r * f for r, f in zip(prev.scale_zyx, factor)])
-        starts = _range_starts(new_shape, shards, range_voxels)
-        levels.append(Level(new_shape, chunks, shards, factor, new_scale, translation, starts))
+        levels.append(
+            Level(new_shape, chunks, shards, factor, new_scale, translation, range_voxels)
+        )
     return tuple(levels)
 
 
-def _shard_voxels(shape: Shape3, shards: Shape3) -> NDArray[np.int64]:
-    """Voxels of every shard (clipped to the array), in flat C order."""
-    sizes = [
-        np.minimum(s, n - np.arange(math.ceil(n / s), dtype=np.int64) * s)
-        for n, s in zip(shape, shards)
-    ]
-    return np.multiply.outer(np.multiply.outer(sizes[0], sizes[1]), sizes[2]).ravel()
+# Grids of more shard rows than this in RangeCuts' third case use its fallback.
+_EXACT_ROWS = 1 << 20
+# Ranges listed to find the largest one exactly.
+_LISTED_RANGES = 1 << 16
 
 
-def _range_starts(shape: Shape3, shards: Shape3, range_voxels: int) -> tuple[int, ...]:
-    """Cut the C-ordered shards into the fewest runs of at most about
-    ``range_voxels`` voxels, equal to within one shard."""
-    voxels = _shard_voxels(shape, shards)
-    total = int(voxels.sum())
-    count = max(1, math.ceil(total / max(range_voxels, 1)))
-    cumulative = np.cumsum(voxels)
-    # Range k starts at the first shard whose voxels before it reach k / count.
-    before = cumulative - voxels
-    targets = np.arange(1, count) * (total / count)
-    cuts = np.searchsorted(before, targets, side="left")
-    starts = np.unique(np.concatenate([[0], cuts]))
-    return tuple(int(v) for v in starts[starts < len(voxels)])
+class RangeCuts:
+    """The cut of a level's C-ordered shards into ranges of about equal voxels.
+
+    With ``T`` the level's voxels, ``c = ceil(T / range_voxels)`` and ``B_i``
+    the voxels of the shards before flat shard ``i``: cut ``k`` (``k = 0 ..
+    c - 1``) is at the first shard ``i`` with ``B_i >= k * T / c``, and cuts
+    at the same shard make one range. So a range is at least one shard, and
+    holds less than ``T / c`` voxels plus one shard. The targets ``k * T / c``
+    are rounded as ``float64(k) * (T / c)`` while ``T < 2**53``, as planning
+    always computed them, so the ranges are those of earlier plans; beyond,
+    they are exact.
+
+    Nothing here lists shards or ranges: all follows from the per-axis shard
+    counts (a shard's size is the shard shape, clipped on the last shard of
+    an axis). Which shards start a range is counted in one of three ways:
+
+    - ``"cuts"``, when no shard holds more than ``T / c`` voxels: each cut is
+      a range of its own, ``c`` ranges; a shard's range is the number of
+      targets in ``1 .. c - 1`` at most ``B_i``; cut ``k``'s shard is found by
+      dividing ``k * T / c`` down the slab, row and shard sizes.
+    - ``"shards"``, when every shard holds more: each shard is a range.
+    - ``"rows"`` otherwise (ranges of about one shard, and thinner clipped
+      shards at the faces): a shard starts a range when the shard before it
+      holds a target; that is counted per row of shards along x (a run of
+      equal shards, then the clipped one), with one prefix sum per row. For
+      a grid of more than 2**20 rows of that kind, ``c`` becomes
+      ``floor(T / largest shard)``, which makes it a ``"cuts"`` grid.
+    """
+
+    def __init__(
+        self,
+        shape: Shape3,
+        shards: Shape3,
+        range_voxels: int,
+        *,
+        mode: str | None = None,
+        max_rows: int = _EXACT_ROWS,
+    ) -> None:
+        self.shape = shape
+        self.full = shards
+        self.grid = _shape3([-(-n // s) for n, s in zip(shape, shards)])
+        self.last = _shape3([n - (g - 1) * s for n, s, g in zip(shape, shards, self.grid)])
+        self.total = math.prod(shape)
+        self.n_shards = math.prod(self.grid)
+        count = max(1, -(-self.total // max(range_voxels, 1)))
+        self.largest = math.prod(min(s, n) for s, n in zip(shards, shape))
+        smallest = math.prod(self.last)
+        if mode is None:
+            if self.largest * count <= self.total:
+                mode = "cuts"
+            elif smallest * count > self.total:
+                mode = "shards"
+            elif self.grid[0] * self.grid[1] <= max_rows:
+                mode = "rows"
+            else:
+                mode, count = "cuts", max(1, self.total // self.largest)
+        self.mode = mode
+        self.count = count
+        # A shard holds more than T / c voxels exactly when it holds more than this.
+        self._spacing = self.total // count
+        self._step = self.total / count
+        self._wide = self.total >= 2**53
+        self._dtype: Any = object if self._wide else np.int64
+        self._row_prefix = self._rows_prefix() if mode == "rows" else None
+        last = self._range_of(self._array([self.n_shards - 1]))
+        self.n_ranges = 1 + int(last[0])
+
+    def _array(self, values: Any) -> NDArray[Any]:
+        return np.asarray(values).astype(self._dtype)
+
+    def _threshold(self, k: NDArray[Any]) -> NDArray[Any]:
+        """The fewest voxels before a shard at or past target ``k``."""
+        if self._wide:
+            return -((-k * self.total) // self.count)
+        return np.ceil(k.astype(np.float64) * self._step).astype(np.int64)
+
+    def _targets_upto(self, voxels: NDArray[Any]) -> NDArray[Any]:
+        """How many targets ``1 .. c - 1`` are at most ``voxels``."""
+        top = self.count - 1
+        if self._wide:
+            exact = voxels * self.count // self.total
+            return np.where(exact > top, top, exact)
+        # float estimate, then exact against the rounded targets
+        m = np.clip(np.floor(voxels.astype(np.float64) / self._step).astype(np.int64), 0, top)
+        while (up := (m < top) & (self._threshold(m + 1) <= voxels)).any():
+            m = m + up
+        while (down := (m > 0) & (self._threshold(m) > voxels)).any():
+            m = m - down
+        return m
+
+    def _size(self, index: NDArray[Any], axis: int) -> NDArray[Any]:
+        full, last, count = self.full[axis], self.last[axis], self.grid[axis]
+        return self._array(last + (full - last) * (index < count - 1))
+
+    def _split(self, flat: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
+        _, ny, nx = self.grid
+        z = flat // (ny * nx)
+        rest = flat - z * (ny * nx)
+        y = rest // nx
+        return z, y, rest - y * nx
+
+    def _before(self, z: NDArray[Any], y: NDArray[Any], x: NDArray[Any]) -> NDArray[Any]:
+        """Voxels of the shards before shard ``(z, y, x)`` in C order."""
+        fz, fy, fx = self.full
+        _, ty, tx = self.shape
+        return z * (fz * ty * tx) + self._size(z, 0) * (y * (fy * tx) + self._size(y, 1) * (x * fx))
+
+    def _run_hits(self, start: NDArray[Any], length: Any, volume: NDArray[Any]) -> NDArray[Any]:
+        """Shards, of ``length`` shards of ``volume`` voxels from ``start``, holding a target.
+
+        A shard of more than ``T / c`` voxels holds one at least; of fewer, one
+        at most, so the count over the run is the count of targets in it.
+        """
+        inside = self._targets_upto(start + length * volume) - self._targets_upto(start)
+        return np.where(volume > self._spacing, length, inside)
+
+    def _rows_prefix(self) -> NDArray[np.int64]:
+        """Range starts before each row's first shard (and after the last row)."""
+        _, ny, nx = self.grid
+        rows = self.grid[0] * ny
+        hits = np.zeros(rows + 1, dtype=np.int64)
+        block = 1 << 16
+        for lo in range(0, rows, block):
+            r = self._array(np.arange(lo, min(lo + block, rows)))
+            z = r // ny
+            y = r - z * ny
+            start = self._before(z, y, r * 0)
+            area = self._size(z, 0) * self._size(y, 1)
+            run = area * self.full[2]
+            row_hits = self._run_hits(start, nx - 1, run) + self._run_hits(
+                start + (nx - 1) * run, 1, area * self.last[2]
+            )
+            hits[lo + 1 : lo + 1 + len(r)] = row_hits.astype(np.int64)
+        return np.cumsum(hits)
+
+    def _range_of(self, flat: NDArray[Any]) -> NDArray[Any]:
+        if self.mode == "shards":
+            return flat
+        z, y, x = self._split(flat)
+        if self.mode == "cuts":
+            return self._targets_upto(self._before(z, y, x))
+        assert self._row_prefix is not None
+        row = (z * self.grid[1] + y).astype(np.int64)
+        run = self._size(z, 0) * self._size(y, 1) * self.full[2]
+        return self._row_prefix[row] + self._run_hits(self._before(z, y, x * 0), x, run)
+
+    def range_of(self, flat_shards: NDArray[np.int64]) -> NDArray[np.int64]:
+        """The range of each flat shard index."""
+        return np.asarray(self._range_of(self._array(flat_shards))).astype(np.int64)
+
+    def starts(self, ranges: Any) -> NDArray[Any]:
+        """The first flat shard of each range (``ranges`` in ``0 .. n_ranges - 1``)."""
+        k = self._array(ranges)
+        if self.mode == "shards":
+            return k
+        nz, ny, nx = self.grid
+        fz, fy, fx = self.full
+        _, ty, tx = self.shape
+        if self.mode == "cuts":
+            # the shard holding the last voxel before the target, then the next
+            rest = self._threshold(k) - 1
+            z = np.minimum(rest // (fz * ty * tx), nz - 1)
+            rest = rest - z * (fz * ty * tx)
+            row = self._size(z, 0) * (fy * tx)
+            y = np.minimum(rest // row, ny - 1)
+            rest = rest - y * row
+            x = np.minimum(rest // (self._size(z, 0) * self._size(y, 1) * fx), nx - 1)
+            return np.where(k == 0, 0, (z * ny + y) * nx + x + 1)
+        assert self._row_prefix is not None
+        prefix = self._row_prefix[: nz * ny]
+        first = np.searchsorted(prefix, k.astype(np.int64), side="left")  # row starting at k
+        row = self._array(np.maximum(first - 1, 0))  # or k starts inside the row before
+        z = row // ny
+        y = row - z * ny
+        start = self._before(z, y, row * 0)
+        run = self._size(z, 0) * self._size(y, 1) * fx
+        need = k - self._array(prefix[row.astype(np.int64)])
+        target = np.minimum(self._targets_upto(start) + need, self.count - 1)
+        past = self._threshold(target) - start
+        x = np.where(run > self._spacing, need, -(-past // run))
+        inside = (self._array(first) > 0) & (need >= 1) & (x <= nx - 1)
+        return np.where(inside, row * nx + x, self._array(first) * nx)
+
+    def bounds(self, range_index: int) -> tuple[int, int]:
+        """Flat shard indices ``[start, stop)`` of one range."""
+        if range_index + 1 < self.n_ranges:
+            start, stop = (int(v) for v in self.starts([range_index, range_index + 1]))
+            return start, stop
+        return int(self.starts([range_index])[0]), self.n_shards
+
+    @functools.cached_property
+    def max_range_voxels(self) -> int:
+        if self.mode == "shards":
+            return self.largest
+        if self.n_ranges > _LISTED_RANGES:
+            return -(-self.total // self.count) + self.largest
+        first = self.starts(np.arange(self.n_ranges))
+        edges = np.append(self._before(*self._split(first)), self._array([self.total]))
+        return int(np.max(np.diff(edges)))
 
 
 def make_plan(
@@ -508,8 +688,9 @@ def make_plan(
 def range_shards(level: Level, range_index: int) -> list[Shape3]:
     """Shard grid indices written by one range, in C order."""
     start, stop = level.range_bounds(range_index)
-    flat = np.arange(start, stop)
-    return [_shape3(idx) for idx in zip(*np.unravel_index(flat, level.shard_grid))]
+    _, ny, nx = level.shard_grid
+    # Python integers: a flat index of a huge grid need not fit in int64
+    return [(f // (ny * nx), f // nx % ny, f % nx) for f in range(start, stop)]
 
 
 def shard_box(level: Level, shard: Shape3) -> tuple[Shape3, Shape3]:
