@@ -43,6 +43,7 @@ __all__ = [
     "RangeCuts",
     "Shape3",
     "chunk_tile_pairs",
+    "level_factor",
     "make_plan",
     "post_transform_affine",
     "range_chunks",
@@ -133,7 +134,8 @@ class Level:
         Array, chunk and shard (write unit) shapes; shards equal chunks
         when the format has no sharding.
     factor_zyx : tuple of int
-        Downsampling factor from the previous level (1 for level 0).
+        Downsampling factor from the previous level, per axis (1 for level 0,
+        and for an axis a level keeps; see :func:`level_factor`).
     scale_zyx, translation_zyx : tuple of float
         Physical voxel size and position of voxel (0, 0, 0)'s centre.
     range_voxels : int
@@ -218,7 +220,8 @@ class Plan:
     world_unit_zyx : tuple of float
         Physical size of one world unit of the registration.
     levels : tuple of Level
-        Level 0 is the fused grid; each further level halves it.
+        Level 0 is the fused grid; each further level halves it along the
+        axes :func:`level_factor` picks.
     tiles : tuple of PlannedTile
     settings : dict
         The fusion and output settings the plan was made for (its identity).
@@ -315,6 +318,31 @@ def post_transform_affine(steps: Sequence[dict[str, Any]], *, source: str) -> ge
     return total
 
 
+# A voxel within this relative margin of twice the finest counts as twice it,
+# so that float noise in the voxel sizes (0.242 * 8 against 1.936) cannot
+# decide a level's factors.
+_SCALE_TOLERANCE = 1e-6
+
+
+def level_factor(shape: Shape3, scale: Float3) -> Shape3:
+    """Per-axis factors of the level after one of this shape and voxel size.
+
+    An axis longer than one voxel is halved unless its voxel is already at
+    least twice the finest voxel among such axes: ``2`` where ``scale_d <
+    2 * finest``, else ``1``. The finest axis is always halved, so each level
+    doubles the finest voxel and anisotropic voxels become isotropic within
+    a factor of two before all axes are halved together: 2 x 0.5 x 0.5 um
+    voxels give factors (1, 2, 2), (1, 2, 2), then (2, 2, 2) for 2 x 2 x 2 um.
+    ``(1, 1, 1)`` when every axis is one voxel long.
+    """
+    open_axes = [s for n, s in zip(shape, scale) if n > 1]
+    if not open_axes:
+        return (1, 1, 1)
+    finest = min(open_axes)
+    limit = 2 * finest * (1 - _SCALE_TOLERANCE)
+    return _shape3([2 if n > 1 and s < limit else 1 for n, s in zip(shape, scale)])
+
+
 def _levels(
     shape: Shape3,
     resolution: Float3,
@@ -332,12 +360,12 @@ def _levels(
         prev = levels[-1]
         if n_levels is None and all(s <= c for s, c in zip(prev.shape_zyx, chunks)):
             break
-        factor = _shape3([2 if s > 1 else 1 for s in prev.shape_zyx])
+        factor = level_factor(prev.shape_zyx, prev.scale_zyx)
         if factor == (1, 1, 1):
             break
         new_shape = _shape3([-(-s // f) for s, f in zip(prev.shape_zyx, factor)])
-        # A level-k voxel averages f voxels of level k-1, so its centre sits
-        # (f - 1) / 2 voxels of level k-1 past theirs.
+        # A level-k voxel averages f voxels of level k-1 along each axis, so its
+        # centre sits (f - 1) / 2 voxels of level k-1 past theirs (0 where f = 1).
         translation = _float3(
             [t + (f - 1) / 2 * r for t, f, r in zip(prev.translation_zyx, factor, prev.scale_zyx)]
         )
@@ -584,7 +612,8 @@ def make_plan(
     chunks_per_range : int
         Chunks per fuse job, rounded up to whole shards.
     pyramid_levels : int, optional
-        Number of levels; default until a level fits in one chunk.
+        Number of levels; default until a level fits in one chunk. Each
+        level halves the axes :func:`level_factor` picks.
     settings : dict, optional
         Settings recorded in the plan (they make its identity).
 

@@ -1,7 +1,8 @@
 """Multiscale pyramid, built range by range like the fused level.
 
 Level ``k`` voxel ``j`` is the mean of the level ``k - 1`` voxels
-``f * j .. f * j + f - 1`` (``f`` the level's factor) that hold data; 0 is
+``f * j .. f * j + f - 1`` along each axis (``f`` the level's factor on that
+axis: 2, or 1 on an axis the level keeps) that hold data; 0 is
 "no data" in the fused volume, so uncovered voxels do not darken the edges of
 the sample. Each job reads only the part of level ``k - 1`` under its shards.
 """
