@@ -47,11 +47,20 @@ def test_factors_halve_the_fine_axes_until_the_voxels_are_about_isotropic():
         ((2, 2, 2), (8.0, 8.0, 8.0)),
     ]
     assert level_factor((50, 50, 50), (0.3, 0.3, 0.3)) == (2, 2, 2)
-    # z coarser than the others but less than twice: halved with them
-    assert level_factor((50, 50, 50), (1.5, 1.0, 1.0)) == (2, 2, 2)
-    # float noise around "twice the finest" does not decide
-    assert level_factor((50, 50, 50), (0.242 * 8 + 1e-12, 0.968, 0.968)) == (1, 2, 2)
-    assert level_factor((50, 50, 50), (0.242 * 8 - 1e-12, 0.968, 0.968)) == (1, 2, 2)
+    # slightly coarser z: halved (2.6 is nearer the new finest, 2.0, than 1.3 is)
+    assert level_factor((50, 50, 50), (1.3, 1.0, 1.0)) == (2, 2, 2)
+    # 1.5 times coarser: kept (1.5 is nearer the new finest, 2.0, than 3.0 is)
+    assert level_factor((50, 50, 50), (1.5, 1.0, 1.0)) == (1, 2, 2)
+
+
+def test_exaspim_voxels_reach_isotropy_by_level_three():
+    # the output: level 3 was 8 um in z against 2.048 um in y and x
+    scale, shape = (1.0, 0.256, 0.256), (1000, 10000, 10000)
+    for _ in range(3):
+        factor = level_factor(shape, scale)
+        scale = tuple(s * f for s, f in zip(scale, factor))
+        shape = tuple(-(-n // f) for n, f in zip(shape, factor))
+    assert scale == (2.0, 2.048, 2.048)
 
 
 def test_an_axis_one_voxel_long_is_never_halved_nor_holds_the_others_back():

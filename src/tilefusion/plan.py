@@ -318,29 +318,25 @@ def post_transform_affine(steps: Sequence[dict[str, Any]], *, source: str) -> ge
     return total
 
 
-# A voxel within this relative margin of twice the finest counts as twice it,
-# so that float noise in the voxel sizes (0.242 * 8 against 1.936) cannot
-# decide a level's factors.
-_SCALE_TOLERANCE = 1e-6
-
-
 def level_factor(shape: Shape3, scale: Float3) -> Shape3:
     """Per-axis factors of the level after one of this shape and voxel size.
 
-    An axis longer than one voxel is halved unless its voxel is already at
-    least twice the finest voxel among such axes: ``2`` where ``scale_d <
-    2 * finest``, else ``1``. The finest axis is always halved, so each level
-    doubles the finest voxel and anisotropic voxels become isotropic within
-    a factor of two before all axes are halved together: 2 x 0.5 x 0.5 um
-    voxels give factors (1, 2, 2), (1, 2, 2), then (2, 2, 2) for 2 x 2 x 2 um.
+    An axis longer than one voxel is halved (``2``) when its voxel is at most
+    ``sqrt(2)`` times the finest voxel among such axes, else kept (``1``).
+    The finest axis is always halved, so the finest voxel doubles at every
+    level, and each other axis takes whichever of halving or keeping leaves
+    its voxel nearer (by ratio) to the finest axis's new one: the voxels
+    become as near isotropic as whole halvings allow, and stay within
+    ``sqrt(2)`` of each other once they are. 2 x 0.5 x 0.5 um voxels (z, y, x) give factors
+    (1, 2, 2), (1, 2, 2), then (2, 2, 2) from 2 x 2 x 2 um; 1 x 0.256 x 0.256
+    um give (1, 2, 2), (1, 2, 2), then (2, 2, 2) from 1 x 1.024 x 1.024 um.
     ``(1, 1, 1)`` when every axis is one voxel long.
     """
     open_axes = [s for n, s in zip(shape, scale) if n > 1]
     if not open_axes:
         return (1, 1, 1)
-    finest = min(open_axes)
-    limit = 2 * finest * (1 - _SCALE_TOLERANCE)
-    return _shape3([2 if n > 1 and s < limit else 1 for n, s in zip(shape, scale)])
+    limit = math.sqrt(2) * min(open_axes)
+    return _shape3([2 if n > 1 and s <= limit else 1 for n, s in zip(shape, scale)])
 
 
 def _levels(
