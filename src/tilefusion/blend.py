@@ -21,7 +21,28 @@ BigStitcher's cosine blending (multiview-reconstruction, classes
   voxels: ``FusionTools.adjustBlending`` divides both by the scaling of the
   view's model on each axis (z anisotropy, downsampling, registration scale)
   before the weights are computed on the tile. :func:`tile_blend_params`
-  performs that step.
+  performs that step; the fuse step applies it to every tile, so the config's
+  ``fusion.blend_range`` and ``fusion.blend_border`` are in output voxels.
+
+Where tilefusion departs from BigStitcher: **tile faces**. BigStitcher
+outputs 0 wherever the weights sum to 0, which with border 0 includes a
+tile's outermost voxel planes where no other tile has weight (a single tile
+fused at its own resolution loses its first and last plane on every axis).
+tilefusion keeps every tile's data there, in two tiers:
+
+1. Where the cosine weights of the tiles sum to more than 0, the voxel is
+   BigStitcher's cosine-weighted average, unchanged (overlaps included).
+2. Where they sum to 0 but some tiles cover the voxel with data (inside the
+   tile less its border, a sample that is not 0 or NaN: :func:`mask_weight`
+   1), the voxel is the plain mean of those tiles, i.e. what the ``"mean"``
+   mode gives there. These are the tiles on whose face (or border edge) the
+   voxel lies, within :data:`EDGE_TOLERANCE` on either side.
+3. Elsewhere it is 0.
+
+The two tiers are accumulated apart, exactly; no weight floor is added (an
+epsilon weight would change overlaps by rounding). ``"mean"`` and ``"max"``
+use :func:`mask_weight`, which includes the faces, so they need no second
+tier. Zero and NaN remain "no data" (weight 0) in every mode.
 
 BigStitcher tabulates the cosine (a lookup table with linear interpolation);
 we evaluate it, which differs by less than 1e-3. The kernels use the equal
@@ -41,6 +62,7 @@ __all__ = [
     "BLENDING_MODES",
     "DEFAULT_BLEND_BORDER",
     "DEFAULT_BLEND_RANGE",
+    "EDGE_TOLERANCE",
     "cosine_ramp",
     "cosine_weight",
     "mask_weight",
@@ -55,6 +77,17 @@ DEFAULT_BLEND_RANGE = 40.0
 
 DEFAULT_BLEND_BORDER = 0.0
 """Voxels skipped at each tile edge, in output voxels (``defaultBlendingBorder``)."""
+
+EDGE_TOLERANCE = 1e-6
+"""Thickness, in tile voxels, of a tile's face on either side.
+
+A position up to this far outside a tile's edge counts as inside it
+(:func:`mask_weight`: corners computed through a rotation land a few ulps
+off), and up to this far inside counts as on the face (:func:`cosine_weight`
+0), so every position inside a tile has either a cosine weight that float32
+sums hold or mask weight 1 on its face. BigStitcher's weight in that inner
+band is below ``2.5e-12 / range**2``.
+"""
 
 
 def cosine_ramp(r: ArrayLike) -> NDArray[np.float64]:
@@ -90,6 +123,7 @@ def cosine_weight(
     *,
     blend_range_zyx: ArrayLike = DEFAULT_BLEND_RANGE,
     blend_border_zyx: ArrayLike = DEFAULT_BLEND_BORDER,
+    tolerance: float = EDGE_TOLERANCE,
 ) -> NDArray[np.float64]:
     """BigStitcher's cosine blending weight at tile coordinates.
 
@@ -104,6 +138,9 @@ def cosine_weight(
         everywhere inside the border.
     blend_border_zyx : float or sequence of 3 floats, optional
         Tile voxels with weight 0 at each edge, before the ramp starts.
+    tolerance : float, optional
+        Positions less than this far past ``border`` count as on it (weight 0);
+        see :data:`EDGE_TOLERANCE`. 0 is BigStitcher's rule exactly.
 
     Returns
     -------
@@ -122,7 +159,7 @@ def cosine_weight(
         raise ValueError(f"blend_range_zyx must be finite and >= 0, got {rng.tolist()}")
     with np.errstate(divide="ignore", invalid="ignore"):
         r = np.where(rng > 0, dist / np.where(rng > 0, rng, 1.0), np.inf)
-    per_axis = np.where(dist <= 0, 0.0, cosine_ramp(r))
+    per_axis = np.where(dist <= max(float(tolerance), 0.0), 0.0, cosine_ramp(r))
     return np.prod(per_axis, axis=-1)
 
 
@@ -131,7 +168,7 @@ def mask_weight(
     tile_shape_zyx: Sequence[int],
     *,
     blend_border_zyx: ArrayLike = DEFAULT_BLEND_BORDER,
-    tolerance: float = 1e-6,
+    tolerance: float = EDGE_TOLERANCE,
 ) -> NDArray[np.float64]:
     """1 where a position lies inside the tile less its border, else 0.
 
@@ -148,7 +185,7 @@ def mask_weight(
     blend_border_zyx : float or sequence of 3 floats, optional
         Tile voxels excluded at each edge; negative values count as 0.
     tolerance : float, optional
-        Slack on the inclusive edges.
+        Slack on the inclusive edges (:data:`EDGE_TOLERANCE`).
 
     Returns
     -------

@@ -93,10 +93,13 @@ def fuse_block(
         Cosine-weighted average (BigStitcher's blending), plain average, or
         maximum of the tiles with data at each voxel.
     blend_range_zyx : tuple of 3 floats, optional
-        Width of the cosine ramp in **tile** voxels. BigStitcher's default is
-        40 output voxels; convert with :func:`tilefusion.blend.tile_blend_params`.
+        Width of the cosine ramp in **tile** voxels, for the crops that do not
+        carry their own (:attr:`TileCrop.blend_range_zyx`). BigStitcher's
+        default is 40 output voxels; convert with
+        :func:`tilefusion.blend.tile_blend_params` (the fuse step does, per tile).
     blend_border_zyx : tuple of 3 floats, optional
-        Tile voxels at each edge that are not used (weight 0), in tile voxels.
+        Tile voxels at each edge that are not used, in tile voxels, for the
+        crops that do not carry their own.
     backend : {"auto", "numba", "torch"}, optional
         ``"auto"`` uses torch on CUDA when available, else numba on the CPU.
     device : str, optional
@@ -127,9 +130,11 @@ def fuse_block(
     data instead of pulling values towards 0. Tile weights are that fraction
     times the cosine weight (``"cosine"``, :func:`tilefusion.blend.cosine_weight`)
     or times 1 (``"mean"``); ``"max"`` takes the largest value among tiles with
-    any data. As in BigStitcher, a voxel whose weights sum to 0 is 0; with the
-    default border 0 that includes points exactly on a tile's outer face
-    where no other tile has weight.
+    any data. The cosine weight is 0 on a tile's outer face (BigStitcher's
+    formula); where the cosine weights of all tiles sum to 0 but some tile
+    has data there (its face, inside the border), the voxel is the ``"mean"``
+    of those tiles instead of BigStitcher's 0, so a tile's data reach the
+    output wherever no other tile has weight. A voxel no tile has data for is 0.
 
     The crop must hold every tile voxel the block samples (plus one for the
     upper linear neighbour); indices beyond it are clamped to its edge.

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from tilefusion.blend import EDGE_TOLERANCE
+
 __all__ = [
     "BACKENDS",
     "BLEND_CODES",
@@ -32,8 +34,9 @@ INTERP_CODES = {"linear": 0, "nearest": 1}
 BLEND_CODES = {"cosine": 0, "mean": 1, "max": 2}
 
 # Slack on the inclusive tile bounds: corners computed through a rotation land
-# a few ulps outside and must still count as inside.
-INSIDE_TOLERANCE = 1e-6
+# a few ulps outside and must still count as inside. The kernels also count
+# positions this close inside a face as on it (cosine weight 0).
+INSIDE_TOLERANCE = EDGE_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -51,12 +54,18 @@ class TileCrop:
         Index in the full tile of ``data[0, 0, 0]``.
     tile_shape_zyx : tuple of 3 ints
         Shape of the full tile; sets the tile bounds and the blending ramp.
+    blend_range_zyx, blend_border_zyx : tuple of 3 floats, optional
+        This tile's cosine ramp width and border in **tile** voxels (see
+        :func:`tilefusion.blend.tile_blend_params`); ``None`` takes the values
+        given to :func:`tilefusion.kernel.fuse_block`.
     """
 
     data: np.ndarray
     out_to_tile: np.ndarray
     crop_offset_zyx: tuple[int, int, int]
     tile_shape_zyx: tuple[int, int, int]
+    blend_range_zyx: tuple[float, float, float] | None = None
+    blend_border_zyx: tuple[float, float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,9 @@ class _TilePlan:
     border: NDArray[np.float64]
     blend_range: NDArray[np.float64]
     box: tuple[int, int, int, int, int, int]  # z0, z1, y0, y1, x0, x1 in the block
+    # The box may reach the tile's face band (cosine weight 0 where the tile
+    # has data): only then can the tile feed the cosine fallback. Conservative.
+    face: bool = True
 
 
 def check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
@@ -88,6 +100,13 @@ def _triple(name: str, value: object) -> NDArray[np.float64]:
     if arr.shape != (3,) or not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} must be 3 finite numbers (z, y, x), got {value!r}")
     return arr
+
+
+def _blend_range(name: str, value: object) -> NDArray[np.float64]:
+    rng = _triple(name, value)
+    if np.any(rng < 0):
+        raise ValueError(f"{name} must be >= 0, got {rng.tolist()}")
+    return rng
 
 
 def check_block_shape(block_shape_zyx: Sequence[int]) -> tuple[int, int, int]:
@@ -132,6 +151,36 @@ def _block_box(
     )
 
 
+def _reaches_face(
+    affine4: NDArray[np.float64],
+    box: tuple[int, int, int, int, int, int],
+    last: NDArray[np.float64],
+    border: NDArray[np.float64],
+) -> bool:
+    """Whether a voxel of ``box`` may lie within the face band of the tile.
+
+    The band is where the cosine weight is 0: ``dist <= INSIDE_TOLERANCE``
+    with ``dist = min(c - border, last - border - c)``. The tile coordinates of
+    the box lie within those of its corners (the map is affine); a margin of
+    one more tolerance covers rounding.
+    """
+    corners = np.array(
+        [
+            [z, y, x, 1.0]
+            for z in (box[0], box[1] - 1)
+            for y in (box[2], box[3] - 1)
+            for x in (box[4], box[5] - 1)
+        ]
+    )
+    pts = corners @ affine4[:3].T
+    reach = border + 2 * INSIDE_TOLERANCE
+    return bool(
+        not np.all(np.isfinite(pts))
+        or np.any(pts.min(axis=0) <= reach)
+        or np.any(pts.max(axis=0) >= last - reach)
+    )
+
+
 def plan_tiles(
     crops: Sequence[TileCrop],
     block: tuple[int, int, int],
@@ -141,17 +190,23 @@ def plan_tiles(
 ) -> list[_TilePlan]:
     """Check every crop and precompute what the kernels need.
 
-    Tiles that cannot touch the block (or have an empty crop) are left out;
-    the order of the others is kept, since it fixes the summation order.
+    ``blend_range_zyx`` and ``blend_border_zyx`` (tile voxels) apply to the
+    crops that do not carry their own. Tiles that cannot touch the block (or
+    have an empty crop) are left out; the order of the others is kept, since
+    it fixes the summation order.
     """
-    rng = _triple("blend_range_zyx", blend_range_zyx)
-    if np.any(rng < 0):
-        raise ValueError(f"blend_range_zyx must be >= 0, got {rng.tolist()}")
-    border = _triple("blend_border_zyx", blend_border_zyx)
+    default_rng = _blend_range("blend_range_zyx", blend_range_zyx)
+    default_border = _triple("blend_border_zyx", blend_border_zyx)
     plans = []
     for i, crop in enumerate(crops):
         if not isinstance(crop, TileCrop):
             raise TypeError(f"crops[{i}] must be a TileCrop, got {type(crop).__name__}")
+        rng = default_rng
+        if crop.blend_range_zyx is not None:
+            rng = _blend_range(f"crops[{i}].blend_range_zyx", crop.blend_range_zyx)
+        border = default_border
+        if crop.blend_border_zyx is not None:
+            border = _triple(f"crops[{i}].blend_border_zyx", crop.blend_border_zyx)
         data = np.asarray(crop.data)
         if data.ndim != 3:
             raise ValueError(f"crops[{i}].data must be 3D (zyx), got shape {data.shape}")
@@ -192,6 +247,7 @@ def plan_tiles(
                 border=border,
                 blend_range=rng,
                 box=box,
+                face=_reaches_face(affine4, box, last, border),
             )
         )
     return plans

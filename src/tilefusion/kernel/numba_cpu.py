@@ -2,7 +2,16 @@
 
 One call per tile accumulates that tile into two block-sized float32 arrays,
 ``num`` and ``den``; tiles are added in order and each output voxel is written
-by one thread only, so the result does not depend on the thread count. The
+by one thread only, so the result does not depend on the thread count.
+
+With cosine blending a sample of cosine weight 0 (on a tile's outer face,
+:mod:`tilefusion.blend`) is kept for the fallback tier, the plain mean where
+no tile has weight, in the same arrays: while a voxel has no weighted sample
+its ``den`` holds minus the fallback's weight sum (``num`` its value sum);
+the first weighted sample resets both to 0 and the fallback is dropped, so
+the weighted sums are the same as without it. The output divides by
+``|den|``. Only blocks that some tile's face band may reach
+(``_TilePlan.face``) run these steps (``faces``). The
 crop is read in its own dtype (numba compiles one kernel per dtype) and
 coordinates are computed per row from the affine, never stored as a grid.
 
@@ -24,13 +33,15 @@ from numba import njit, prange
 from numpy.typing import NDArray
 
 from tilefusion import geometry
-from tilefusion.kernel._types import BLEND_CODES, INTERP_CODES, _TilePlan
+from tilefusion.kernel._types import BLEND_CODES, INSIDE_TOLERANCE, INTERP_CODES, _TilePlan
 
 __all__ = ["fuse_numba", "warm_up"]
 
 _LINEAR = INTERP_CODES["linear"]
 _COSINE = BLEND_CODES["cosine"]
 _MAX = BLEND_CODES["max"]
+# Within this distance inside a face the cosine weight is 0 (blend.EDGE_TOLERANCE).
+_FACE = INSIDE_TOLERANCE
 
 
 # Taylor coefficients of sin(x) / x in x^2, up to x^12: for 0 <= x <= pi / 2
@@ -55,7 +66,7 @@ def _ramp_weight(c: float, last: float, border: float, rng: float, scale: float)
     # which keeps its relative precision near r = 0; sin is a polynomial here
     # (a call to sin costs more than the rest). ``scale`` is pi / 2 / rng.
     dist = min(c - border, last - border - c)
-    if dist <= 0.0:
+    if dist <= _FACE:
         return 0.0
     if rng <= 0.0 or dist >= rng:
         return 1.0
@@ -214,6 +225,7 @@ def _rows(
     x1: int,
     interp: int,
     blend: int,
+    faces: bool,
     num: np.ndarray,
     den: np.ndarray,
 ) -> None:
@@ -249,8 +261,9 @@ def _rows(
     q2 = (0.5 * math.pi) / r2 if r2 > 0.0 else 0.0
     # Cosine weight 1 on an axis where border + range <= c <= last - border -
     # range (dist >= range; _axis_weight gives 1 there too): skip computing it.
-    flat1 = r1 > 0.0
-    flat2 = r2 > 0.0
+    # Not for a range inside the face band, where _axis_weight gives 0.
+    flat1 = r1 > _FACE
+    flat2 = r2 > _FACE
     wlo1, whi1 = bd1 + r1, (last1 - bd1) - r1
     wlo2, whi2 = bd2 + r2, (last2 - bd2) - r2
     # An axis whose coordinate does not change along a row (a02 == 0, e.g. z
@@ -292,7 +305,7 @@ def _rows(
                 w_row *= _axis_weight(b0 + a02 * xs, last0, bd0, r0)
             if const1:
                 w_row *= _axis_weight(b1 + a12 * xs, last1, bd1, r1)
-            if w_row <= 0.0:
+            if w_row <= 0.0 and not faces:
                 continue
         # Columns needing no clamping: [us, ue), inside [xs, xe). Any subset
         # would do (the clamped path gives the same indices there).
@@ -417,7 +430,17 @@ def _rows(
                 if not (flat2 and wlo2 <= c2 <= whi2):
                     wt *= _ramp_weight(c2, last2, bd2, r2, q2)
                 if wt <= 0.0:
+                    if faces:
+                        # On the face: the fallback, while no sample has weight.
+                        d = den_row[xu]
+                        if d <= 0.0:
+                            num_row[xu] += np.float32(swv)
+                            den_row[xu] = d - np.float32(sw)
                     continue
+                if faces and den_row[xu] < 0.0:
+                    # The first weighted sample drops the fallback.
+                    num_row[xu] = 0.0
+                    den_row[xu] = 0.0
             num_row[xu] += np.float32(wt * swv)
             den_row[xu] += np.float32(wt * sw)
 
@@ -472,6 +495,7 @@ def _plane_row(
     x0: int,
     x1: int,
     blend: int,
+    faces: bool,
     num: np.ndarray,
     den: np.ndarray,
 ) -> None:
@@ -495,6 +519,7 @@ def _plane_row(
     a00, a01, a02, a03 = aff[0, 0], aff[0, 1], aff[0, 2], aff[0, 3]
     a12, a22 = aff[1, 2], aff[2, 2]
     cosine = blend == _COSINE
+    faces = faces and cosine
     bd0, bd1, bd2 = border[0], border[1], border[2]
     r0, r1, r2 = rng[0], rng[1], rng[2]
     q0 = (0.5 * math.pi) / r0 if r0 > 0.0 else 0.0
@@ -539,6 +564,19 @@ def _plane_row(
             wyx[i] = _ramp_weight(b1 + a12 * x, last1, bd1, r1, q1) * _ramp_weight(
                 b2 + a22 * x, last2, bd2, r2, q2
             )
+    # Columns of y/x weight 0 (on a y or x face of the tile; at most a few
+    # unless the whole row lies on one): their samples feed the fallback.
+    nzero = 0
+    if faces:
+        for i in range(n):
+            if wyx[i] <= 0.0:
+                nzero += 1
+    zcols = np.empty(nzero, dtype=np.int64)
+    j = 0
+    for i in range(n if nzero > 0 else 0):
+        if wyx[i] <= 0.0:
+            zcols[j] = i
+            j += 1
     # Crop planes the column needs: the tile z coordinate is monotonic in z
     # and in x, so its extremes lie at the corners.
     cmin = math.inf
@@ -582,7 +620,7 @@ def _plane_row(
         w_row = 1.0
         if cosine and const0:
             w_row = _ramp_weight(b0 + a02 * us, last0, bd0, r0, q0)
-            if w_row <= 0.0:
+            if w_row <= 0.0 and not faces:
                 continue
         num_row = num[z, y]
         den_row = den[z, y]
@@ -612,15 +650,49 @@ def _plane_row(
                             num_row[xu] = val
                         den_row[xu] = 1.0
                 continue
-            for x in range(us, ue):
+            if not faces:
+                for x in range(us, ue):
+                    iu = np.uint64(x - xs)
+                    xu = np.uint64(x)
+                    sw = u0 * sw0[iu] + t0 * sw1[iu]
+                    swv = u0 * swv0[iu] + t0 * swv1[iu]
+                    wt = w_row * wyx[iu] if cosine else 1.0
+                    use = (sw > 0.0) & (wt > 0.0)
+                    num_row[xu] += np.float32(wt * swv) if use else np.float32(0.0)
+                    den_row[xu] += np.float32(wt * sw) if use else np.float32(0.0)
+                continue
+            if w_row > 0.0:
+                # As above, and the first weighted sample drops the fallback.
+                for x in range(us, ue):
+                    iu = np.uint64(x - xs)
+                    xu = np.uint64(x)
+                    sw = u0 * sw0[iu] + t0 * sw1[iu]
+                    swv = u0 * swv0[iu] + t0 * swv1[iu]
+                    wt = w_row * wyx[iu]
+                    use = (sw > 0.0) & (wt > 0.0)
+                    d = den_row[xu]
+                    n0 = num_row[xu]
+                    fresh = use & (d < 0.0)
+                    num_row[xu] = (np.float32(0.0) if fresh else n0) + (
+                        np.float32(wt * swv) if use else np.float32(0.0)
+                    )
+                    den_row[xu] = (np.float32(0.0) if fresh else d) + (
+                        np.float32(wt * sw) if use else np.float32(0.0)
+                    )
+            # Samples of weight 0: the whole row (w_row = 0, a z face) or the
+            # face columns; the loop above added nothing there.
+            whole = w_row <= 0.0
+            for f in range(us if whole else 0, ue if whole else nzero):
+                x = f if whole else xs + zcols[f]
+                if not (us <= x < ue):
+                    continue
                 iu = np.uint64(x - xs)
                 xu = np.uint64(x)
                 sw = u0 * sw0[iu] + t0 * sw1[iu]
-                swv = u0 * swv0[iu] + t0 * swv1[iu]
-                wt = w_row * wyx[iu] if cosine else 1.0
-                use = (sw > 0.0) & (wt > 0.0)
-                num_row[xu] += np.float32(wt * swv) if use else np.float32(0.0)
-                den_row[xu] += np.float32(wt * sw) if use else np.float32(0.0)
+                d = den_row[xu]
+                if sw > 0.0 and d <= 0.0:
+                    num_row[xu] += np.float32(u0 * swv0[iu] + t0 * swv1[iu])
+                    den_row[xu] = d - np.float32(sw)
             continue
         for x in range(us, ue):
             i = x - xs
@@ -653,7 +725,15 @@ def _plane_row(
                     wt *= _ramp_weight(c0, last0, bd0, r0, q0)
                 wt *= wyx[iu]
                 if wt <= 0.0:
+                    if faces:
+                        d = den_row[xu]
+                        if d <= 0.0:
+                            num_row[xu] += np.float32(swv)
+                            den_row[xu] = d - np.float32(sw)
                     continue
+                if faces and den_row[xu] < 0.0:
+                    num_row[xu] = 0.0
+                    den_row[xu] = 0.0
             num_row[xu] += np.float32(wt * swv)
             den_row[xu] += np.float32(wt * sw)
 
@@ -671,6 +751,7 @@ def _accumulate(
     box: np.ndarray,
     interp: int,
     blend: int,
+    faces: bool,
     num: np.ndarray,
     den: np.ndarray,
 ) -> None:
@@ -692,6 +773,7 @@ def _accumulate(
                 x0,
                 x1,
                 blend,
+                faces,
                 num,
                 den,
             )
@@ -713,6 +795,7 @@ def _accumulate(
             x1,
             interp,
             blend,
+            faces,
             num,
             den,
         )
@@ -731,6 +814,7 @@ def _accumulate_serial(
     box: np.ndarray,
     interp: int,
     blend: int,
+    faces: bool,
     num: np.ndarray,
     den: np.ndarray,
 ) -> None:
@@ -739,12 +823,45 @@ def _accumulate_serial(
     if interp == _LINEAR and aff[1, 0] == 0.0 and aff[2, 0] == 0.0:
         for y in range(y0, y1):
             _plane_row(
-                data, aff, offset, last, lo, hi, border, rng, y, z0, z1, x0, x1, blend, num, den
+                data,
+                aff,
+                offset,
+                last,
+                lo,
+                hi,
+                border,
+                rng,
+                y,
+                z0,
+                z1,
+                x0,
+                x1,
+                blend,
+                faces,
+                num,
+                den,
             )
         return
     for z in range(z0, z1):
         _rows(
-            data, aff, offset, last, lo, hi, border, rng, z, y0, y1, x0, x1, interp, blend, num, den
+            data,
+            aff,
+            offset,
+            last,
+            lo,
+            hi,
+            border,
+            rng,
+            z,
+            y0,
+            y1,
+            x0,
+            x1,
+            interp,
+            blend,
+            faces,
+            num,
+            den,
         )
 
 
@@ -755,6 +872,7 @@ def _accumulate_shift(
     ranges: np.ndarray,
     weights: np.ndarray,
     blend: int,
+    faces: bool,
     num: np.ndarray,
     den: np.ndarray,
 ) -> None:
@@ -782,7 +900,15 @@ def _accumulate_shift(
                     continue
                 wt = wzy * weights[2, x]
                 if wt <= 0.0:
+                    if faces:
+                        d = den[z, y, x]
+                        if d <= 0.0:
+                            num[z, y, x] += np.float32(v)
+                            den[z, y, x] = d - np.float32(1.0)
                     continue
+                if faces and den[z, y, x] < 0.0:
+                    num[z, y, x] = 0.0
+                    den[z, y, x] = 0.0
                 num[z, y, x] += np.float32(wt * v)
                 den[z, y, x] += np.float32(wt)
 
@@ -814,7 +940,12 @@ def _integer_shift(p: _TilePlan) -> NDArray[np.int64] | None:
 
 
 def _shift_tile(
-    p: _TilePlan, shift: NDArray[np.int64], blend: int, num: np.ndarray, den: np.ndarray
+    p: _TilePlan,
+    shift: NDArray[np.int64],
+    blend: int,
+    faces: bool,
+    num: np.ndarray,
+    den: np.ndarray,
 ) -> None:
     start = p.affine[:, 3]
     block = num.shape
@@ -833,7 +964,7 @@ def _shift_tile(
             float(p.blend_range[a]),
             blend == _COSINE,
         )
-    _accumulate_shift(p.data, shift, ranges, weights, blend, num, den)
+    _accumulate_shift(p.data, shift, ranges, weights, blend, faces, num, den)
 
 
 def fuse_numba(
@@ -855,6 +986,8 @@ def fuse_numba(
     den = np.zeros(block, dtype=np.float32)
     interp = INTERP_CODES[interpolation]
     blend = BLEND_CODES[blending]
+    # Whether a sample of cosine weight 0 (with data) may occur in the block.
+    faces = blend == _COSINE and any(p.face for p in plans)
     serial = threads is not None and int(threads) == 1
     previous = numba.get_num_threads()
     if threads is not None and not serial:
@@ -864,7 +997,7 @@ def fuse_numba(
         for p in plans:
             shift = _integer_shift(p)
             if shift is not None:
-                _shift_tile(p, shift, blend, num, den)
+                _shift_tile(p, shift, blend, faces, num, den)
                 continue
             data = p.data
             if data.dtype == np.float16:
@@ -883,6 +1016,7 @@ def fuse_numba(
                 np.asarray(p.box, dtype=np.int64),
                 interp,
                 blend,
+                faces,
                 num,
                 den,
             )
@@ -893,7 +1027,10 @@ def fuse_numba(
 
 
 def finish(num: np.ndarray, den: np.ndarray, *, blend: int) -> np.ndarray:
-    """Turn the accumulators into the output, in place: 0 wherever no tile contributed."""
+    """Turn the accumulators into the output, in place: 0 wherever no tile contributed.
+
+    A negative ``den`` holds the cosine fallback (minus its weight sum).
+    """
     _finish_in_place(num.reshape(-1), den.reshape(-1), blend == _MAX)
     return num
 
@@ -901,10 +1038,11 @@ def finish(num: np.ndarray, den: np.ndarray, *, blend: int) -> np.ndarray:
 @njit(nogil=True, cache=True, error_model="numpy")
 def _finish_in_place(num: np.ndarray, den: np.ndarray, is_max: bool) -> None:
     for i in range(num.size):
-        if den[i] <= 0.0:
+        d = den[i] if is_max else abs(den[i])
+        if d <= 0.0:
             num[i] = 0.0
         elif not is_max:
-            num[i] = num[i] / den[i]
+            num[i] = num[i] / d
 
 
 def warm_up(dtype: str = "uint16") -> None:

@@ -4,7 +4,9 @@ Each crop goes to the device once; the block is then processed in z-slabs of
 at most :data:`SLAB_VOXELS` voxels, each a gather-based trilinear (or nearest)
 lookup with the no-data normalisation of the numba kernel. Coordinates are
 float64, evaluated in the same order as the numba kernel so both backends see
-the same samples; weights and sums are float32.
+the same samples; weights and sums are float32. With cosine blending, samples
+of cosine weight 0 (on a tile's outer face) are summed apart with weight 1:
+the fallback where no tile has cosine weight (see :mod:`tilefusion.blend`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from tilefusion.kernel._types import _TilePlan
+from tilefusion.kernel._types import INSIDE_TOLERANCE, _TilePlan
 
 __all__ = ["SLAB_VOXELS", "fuse_torch", "select_device"]
 
@@ -105,13 +107,14 @@ def _to_device(data: np.ndarray, device: torch.device) -> torch.Tensor:
 def _axis_weight(c: torch.Tensor, last: float, border: float, rng: float) -> torch.Tensor:
     # BlendingRealRandomAccess.computeWeight, one axis, float32; the same steps
     # as numba_cpu._axis_weight (sin(r pi / 2)^2 == (cos((1 - r) pi) + 1) / 2).
+    # Within INSIDE_TOLERANCE inside a face the weight is 0 (blend.EDGE_TOLERANCE).
     dist = torch.minimum(c - border, (last - border) - c)
     if rng <= 0.0:
-        return (dist > 0).to(torch.float32)
+        return (dist > INSIDE_TOLERANCE).to(torch.float32)
     r = dist / rng
     h = torch.sin((r * (0.5 * math.pi)).to(torch.float32))
     ramp = torch.where(r >= 1.0, 1.0, h * h)
-    return torch.where(dist <= 0.0, 0.0, ramp)
+    return torch.where(dist <= INSIDE_TOLERANCE, 0.0, ramp)
 
 
 def _tap(
@@ -139,8 +142,13 @@ def _accumulate_slab(
     blending: str,
     num: torch.Tensor,
     den: torch.Tensor,
+    num2: torch.Tensor | None = None,
+    den2: torch.Tensor | None = None,
 ) -> None:
-    """Add one tile to ``num``/``den`` (views of the slab) at block indices zz, yy, xx."""
+    """Add one tile to ``num``/``den`` (views of the slab) at block indices zz, yy, xx.
+
+    With cosine blending, samples of weight 0 go to ``num2``/``den2`` with weight 1.
+    """
     a = p.affine
     # Same evaluation order as the numba kernel, so both sample the same points.
     c = [
@@ -197,7 +205,12 @@ def _accumulate_slab(
             wt = wt * _axis_weight(
                 c[d], float(p.last[d]), float(p.border[d]), float(p.blend_range[d])
             )
-        has &= wt > 0
+        positive = wt > 0
+        if num2 is not None and den2 is not None:
+            face = has & ~positive
+            num2 += torch.where(face, swv, 0.0)
+            den2 += torch.where(face, sw, 0.0)
+        has &= positive
         sw = sw * wt
         swv = swv * wt
     num += torch.where(has, swv, 0.0)
@@ -218,6 +231,10 @@ def fuse_torch(
     with _torch_threads(threads), torch.no_grad():
         num = torch.zeros(block, dtype=torch.float32, device=dev)
         den = torch.zeros(block, dtype=torch.float32, device=dev)
+        # The fallback where no tile has cosine weight, if a tile's face band meets the block.
+        fallback = blending == "cosine" and any(p.face for p in plans)
+        num2 = torch.zeros(block, dtype=torch.float32, device=dev) if fallback else None
+        den2 = torch.zeros(block, dtype=torch.float32, device=dev) if fallback else None
         for p in plans:
             flat = _to_device(p.data, dev)
             z0, z1, y0, y1, x0, x1 = p.box
@@ -237,10 +254,16 @@ def fuse_torch(
                     blending=blending,
                     num=num[zs:ze, y0:y1, x0:x1],
                     den=den[zs:ze, y0:y1, x0:x1],
+                    num2=None if num2 is None else num2[zs:ze, y0:y1, x0:x1],
+                    den2=None if den2 is None else den2[zs:ze, y0:y1, x0:x1],
                 )
             del flat
         if blending == "max":
             out = torch.where(den > 0, num, 0.0)
         else:
             out = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
+        if num2 is not None and den2 is not None:
+            # Where no tile has cosine weight: the plain mean of the tiles on whose face it lies.
+            face = (den <= 0) & (den2 > 0)
+            out = torch.where(face, num2 / torch.where(face, den2, 1.0), out)
         return out.cpu().numpy().astype(np.float32, copy=False)
