@@ -21,6 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from tilefusion import geometry
+from tilefusion.blend import tile_blend_params
 from tilefusion.kernel import TileCrop, fuse_block
 from tilefusion.plan import (
     Plan,
@@ -42,7 +43,12 @@ log = logging.getLogger(__name__)
 
 
 class FusionOptions:
-    """Kernel settings of a fuse job (from the config's ``fusion`` section)."""
+    """Kernel settings of a fuse job (from the config's ``fusion`` section).
+
+    ``blend_range_zyx`` and ``blend_border_zyx`` are in **output** voxels (as
+    in BigStitcher); each tile's are converted to its own voxels with
+    :func:`tilefusion.blend.tile_blend_params`.
+    """
 
     def __init__(
         self,
@@ -201,12 +207,20 @@ def _fuse_box(
     for tile, out_to_tile, c_lo, c_hi in bounds:
         data = _read_crop(cache, prefetched, tile, c_lo, c_hi)
         used.add(tile.name)
+        # Output voxels (the config) to this tile's voxels, on each tile axis.
+        blend_range, blend_border = tile_blend_params(
+            tile.tile_to_output,
+            blend_range_zyx=options.blend_range_zyx,
+            blend_border_zyx=options.blend_border_zyx,
+        )
         crops.append(
             TileCrop(
                 data=data,
                 out_to_tile=out_to_tile,
                 crop_offset_zyx=c_lo,
                 tile_shape_zyx=tile.shape_zyx,
+                blend_range_zyx=blend_range,
+                blend_border_zyx=blend_border,
             )
         )
     if not crops:
@@ -216,8 +230,6 @@ def _fuse_box(
         shape,  # type: ignore[arg-type]
         interpolation=options.interpolation,  # type: ignore[arg-type]
         blending=options.blending,  # type: ignore[arg-type]
-        blend_range_zyx=options.blend_range_zyx,  # type: ignore[arg-type]
-        blend_border_zyx=options.blend_border_zyx,  # type: ignore[arg-type]
         device=options.device,
         # One thread per call on the CPU: the job's threads work on different
         # shards. On a GPU the threads overlap tile reads and shard writes with
