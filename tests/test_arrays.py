@@ -111,6 +111,12 @@ class TileArrayContract:
         out[...] = 0
         np.testing.assert_array_equal(arr.read((0, 0, 0), (2, 2, 2)), data[:2, :2, :2])
 
+    def test_nothing_absent_in_a_complete_array(self, stored: tuple[np.ndarray, TileArray]) -> None:
+        arr = stored[1]
+        assert arr.absent_chunks == frozenset()
+        arr.read((0, 0, 0), SHAPE)
+        assert arr.absent_chunks == frozenset()
+
     @pytest.mark.parametrize(
         ("lo", "hi"), [((0, 0, 0), (14, 17, 19)), ((-1, 0, 0), (2, 2, 2)), ((3, 0, 0), (2, 2, 2))]
     )
@@ -226,9 +232,15 @@ class TestN5Gzip(TileArrayContract):
         data = _pattern("uint16")
         source = self.make(data, tmp_path)
         (Path(source.path) / source.key / "0" / "0" / "0").unlink()
-        out = open_array(source).read((0, 0, 0), (5, 6, 7))
+        (Path(source.path) / source.key / "2" / "1" / "0").unlink()  # x=2, y=1, z=0
+        arr = open_array(source)
+        out = arr.read((0, 0, 0), (5, 6, 7))
         assert np.all(out[:4, :5, :6] == 0)
         np.testing.assert_array_equal(out[4:, :, :], data[4:5, :6, :7])
+        assert arr.absent_chunks == {"0/0/0"}
+        arr.read((0, 0, 0), SHAPE)
+        arr.read((0, 0, 0), (1, 1, 1))
+        assert arr.absent_chunks == {"0/0/0", "2/1/0"}
 
     def test_reads_only_the_blocks_of_the_crop(self, tmp_path: Path) -> None:
         data = _pattern("uint16")
@@ -519,6 +531,36 @@ def test_direct_zarr_reads_equal_zarr_python(tmp_path: Path, layout: str) -> Non
         _assert_same(arr.read(lo, hi), expected)
 
 
+@pytest.mark.parametrize("layout", sorted(DIRECT_LAYOUTS))
+def test_direct_zarr_counts_absent_chunks_once(tmp_path: Path, layout: str) -> None:
+    """8 chunks of the first shard's box, 1 inner chunk, 5 x 4 in the unwritten slab."""
+    path, _ = _zarr_tile(tmp_path, layout, **DIRECT_LAYOUTS[layout])
+    arr = open_array(ArraySource("zarr", str(path)))
+    arr.read((0, 0, 16), (4, 6, 24))  # one written chunk
+    assert arr.absent_chunks == frozenset()
+    arr.read((8, 12, 16), (12, 18, 24))  # exactly the empty inner chunk
+    (key,) = arr.absent_chunks
+    # its key in the array's folder: chunk (2, 2, 2), or shard (1, 1, 1)'s first inner chunk
+    assert key.replace(".", "/") in {"2/2/2", "c/2/2/2", "c/1/1/1[0,0,0]"}
+    for _ in range(2):
+        arr.read((0, 0, 0), ZARR_SHAPE)
+    assert len(arr.absent_chunks) == 8 + 1 + 20
+
+
+def test_direct_zarr_missing_shard_file_counts_its_inner_chunks(tmp_path: Path) -> None:
+    path, z = _zarr_tile(tmp_path, "lost", **_sharded("zstd", "end"))
+    (path / "c" / "1" / "1" / "1").unlink()  # z 8..16, y 12..24, x 16..31
+    arr = open_array(ArraySource("zarr", str(path)))
+    out = arr.read((8, 12, 20), (16, 13, 21))  # 2 of its inner chunks (z 8..12 and 12..16)
+    assert (out == FILL).all()
+    assert arr.absent_chunks == {"c/1/1/1[0,0,0]", "c/1/1/1[1,0,0]"}
+    arr.read((8, 12, 16), (16, 24, 31))
+    assert arr.absent_chunks == {
+        f"c/1/1/1[{i},{j},{k}]" for i in (0, 1) for j in (0, 1) for k in (0, 1)
+    }
+    np.testing.assert_array_equal(arr.read((0, 0, 0), (8, 12, 16)), z[:8, :12, :16])
+
+
 def test_direct_zarr_layouts_leave_chunks_unwritten(tmp_path: Path) -> None:
     """The fixtures above do exercise absent chunks, shards and inner chunks."""
     path, _ = _zarr_tile(tmp_path, "v2", **_v2("zstd"))
@@ -592,6 +634,11 @@ def test_direct_zarr_concurrent_reads(tmp_path: Path) -> None:
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         assert all(pool.map(read, crops))
+    alone = open_array(ArraySource("zarr", str(path)))
+    for crop in crops:
+        alone.read(*crop)
+    assert arr.absent_chunks == alone.absent_chunks
+    assert arr.absent_chunks  # the crops do meet absent chunks
 
 
 def test_direct_zarr_damaged_shard_is_an_input_error(tmp_path: Path) -> None:

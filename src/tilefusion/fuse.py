@@ -39,7 +39,7 @@ from tilefusion.writer import LevelWriter, cast_into
 
 __all__ = ["FusionOptions", "fuse_range", "tile_crop_bounds"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tilefusion")
 
 
 class FusionOptions:
@@ -122,6 +122,7 @@ class _TileCache:
 
     def __init__(self) -> None:
         self._arrays: dict[str, TileArray] = {}
+        self._tiles: dict[str, PlannedTile] = {}
         self._lock = threading.Lock()
         self._chunks = ChunkCache(JOB_CHUNK_CACHE_BYTES)
 
@@ -129,7 +130,15 @@ class _TileCache:
         with self._lock:
             if tile.name not in self._arrays:
                 self._arrays[tile.name] = open_array(tile.source, chunk_cache=self._chunks)
+                self._tiles[tile.name] = tile
             return self._arrays[tile.name]
+
+    def absent_chunks(self) -> dict[str, tuple[int, PlannedTile]]:
+        """Per tile read so far whose reads found chunks absent: how many, and the tile."""
+        with self._lock:
+            arrays = sorted(self._arrays.items())
+        counts = ((name, len(array.absent_chunks)) for name, array in arrays)
+        return {name: (n, self._tiles[name]) for name, n in counts if n}
 
     def prefetch(
         self, plan: Plan, tile_ids: Sequence[int], lo: Shape3, hi: Shape3, limit: int
@@ -317,7 +326,16 @@ def fuse_range(
     dict
         The range's marker: every stored object it owns with the SHA-256 of
         its bytes (None where the object is empty and so not stored), the
-        tiles it read, and timings.
+        tiles it read, ``absent_input_chunks`` (tile name to the number of
+        distinct tile chunks its reads found absent and so read as no data;
+        only tiles with some), and timings.
+
+    Notes
+    -----
+    A tile chunk that is absent is not an error (Zarr and N5 writers may omit
+    chunks that hold only the fill value), but it may equally be a chunk
+    lost in a copy: each tile with absent chunks is logged as one warning.
+    Only readers that can tell count them (Zarr read directly, N5).
     """
     start = time.perf_counter()
     level = plan.grid
@@ -348,6 +366,19 @@ def fuse_range(
             used |= shard_used
             for key, value in shard_timing.items():
                 timing[key] += value
+    absent = cache.absent_chunks()
+    for name, (count, tile) in absent.items():
+        source = tile.source
+        where = os.path.basename(source.path.rstrip("/")) or source.path
+        if source.key:
+            where = f"{where} {source.key}"
+        log.warning(
+            "tile %s: %d absent chunk%s read as no data (%s)",
+            name,
+            count,
+            "" if count == 1 else "s",
+            where,
+        )
     seconds = time.perf_counter() - start
     n_voxels = sum(
         math.prod(b - a for a, b in zip(*shard_box(level, s)))
@@ -358,6 +389,7 @@ def fuse_range(
         "range": range_index,
         "objects": objects,
         "tiles": sorted(used),
+        "absent_input_chunks": {name: count for name, (count, _) in absent.items()},
         "stats": dict(merge_stats(stats), voxels=n_voxels),
         "seconds": round(seconds, 3),
         "threads": workers,

@@ -18,6 +18,8 @@ zarr
     needs are read); numeric pixel types. Decoded chunks are kept in an LRU
     cache (64 MiB per opened array, or one cache shared by several arrays,
     see :func:`open_array`), so overlapping crops decode a chunk about once.
+    Absent chunks (and inner chunks) read as the fill value; their keys are
+    collected in ``absent_chunks``.
     Every other array (remote stores, other codecs,
     transposes, filters, consolidated groups) and every error goes through
     zarr-python.
@@ -28,7 +30,8 @@ n5
     and starts with a big-endian header (``mode`` uint16, ``ndim`` uint16,
     ``ndim`` uint32 block sizes) followed by big-endian data. Compression
     ``raw``, ``gzip``, ``bzip2``, ``xz``, ``zstd`` and ``blosc`` are read;
-    absent blocks read as zeros. A group holding ``s0`` (BDV) resolves to it.
+    absent blocks read as zeros (and are listed in ``absent_chunks``). A group
+    holding ``s0`` (BDV) resolves to it.
 hdf5
     h5py. Legacy BigDataViewer HDF5 files store unsigned 16-bit pixels as
     ``int16`` without a ``dataType`` attribute; such ``t*/s*/*/cells``
@@ -102,6 +105,18 @@ class TileArray(Protocol):
 
     @property
     def dtype(self) -> np.dtype[Any]: ...
+
+    @property
+    def absent_chunks(self) -> frozenset[str]:
+        """Keys of the stored chunks that reads so far found absent (read as no data).
+
+        A snapshot: each distinct chunk (or inner chunk of a shard) counts
+        once however often it is read. Containers may omit a chunk that holds
+        only the fill value, so this is not an error, but a fusion says so.
+        Backends that cannot tell (HDF5, TIFF, memory, arrays read through
+        zarr-python) report none.
+        """
+        ...
 
     def read(self, lo_zyx: Sequence[int], hi_zyx: Sequence[int]) -> NDArray[Any]:
         """Return the crop ``[lo, hi)`` as an in-memory array of ``hi - lo`` shape."""
@@ -204,6 +219,12 @@ class _IndexedArray:
     @property
     def dtype(self) -> np.dtype[Any]:
         return self._dtype
+
+    @property
+    def absent_chunks(self) -> frozenset[str]:
+        # Only the direct Zarr reader knows which chunks it found absent.
+        absent = getattr(self._backing, "absent_chunks", None)
+        return frozenset(absent) if absent is not None else frozenset()
 
     def read(self, lo_zyx: Sequence[int], hi_zyx: Sequence[int]) -> NDArray[Any]:
         return self.read_from(self._backing, lo_zyx, hi_zyx)
@@ -732,6 +753,11 @@ class _ZarrChunks:
     ----------
     cache : ChunkCache
         The decoded-chunk cache (its counters tell hits from loads).
+    absent_chunks : frozenset of str
+        Keys of the chunks reads found absent so far (see :class:`TileArray`):
+        chunk files that do not exist, and, in a sharded array, the inner
+        chunks of a missing shard file or with an empty index entry, named
+        ``shard key[inner index]``.
     """
 
     def __init__(
@@ -759,11 +785,17 @@ class _ZarrChunks:
         self._cache_id = next(_CACHE_IDS)
         self._decodes = 0
         self._count_lock = threading.Lock()
+        # set.add and frozenset(set) are atomic under the GIL: threads may add.
+        self._absent: set[str] = set()
 
     @property
     def decodes(self) -> int:
         """Chunks decoded so far (a count for tests and benchmarks)."""
         return self._decodes
+
+    @property
+    def absent_chunks(self) -> frozenset[str]:
+        return frozenset(self._absent)
 
     @classmethod
     def from_metadata(
@@ -894,6 +926,7 @@ class _ZarrChunks:
             raw = (self._folder / key).read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             # zarr-python's local store answers these as "no such chunk".
+            self._absent.add(key)
             return None
         return self._decode(raw, key)
 
@@ -940,7 +973,9 @@ class _ZarrChunks:
             fh = (self._folder / key).open("rb")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             for chunk_key in (*mine, *theirs):
-                out[blocks[chunk_key][1]] = self._fill
+                inner, dst, _ = blocks[chunk_key]
+                self._absent.add(self._inner_name(key, inner))
+                out[dst] = self._fill
             return
         with fh:
             # The one wait while holding claims (see ChunkCache.claim): loading
@@ -954,6 +989,7 @@ class _ZarrChunks:
                 inner, dst, _ = blocks[chunk_key]
                 offset, nbytes = (int(v) for v in index[inner])
                 if offset == _EMPTY_CHUNK and nbytes == _EMPTY_CHUNK:
+                    self._absent.add(self._inner_name(key, inner))
                     out[dst] = self._fill
                 else:
                     wanted.append((offset, nbytes, chunk_key))
@@ -970,7 +1006,7 @@ class _ZarrChunks:
                 raw = self._read_exactly(fh, key, first, sum(wanted[end - 1][:2]) - first)
                 for offset, nbytes, chunk_key in wanted[start:end]:
                     inner, dst, src = blocks[chunk_key]
-                    name = f"{key}[{','.join(str(c) for c in inner)}]"
+                    name = self._inner_name(key, inner)
                     chunk = self._decode(raw[offset - first : offset - first + nbytes], name)
                     self.cache.put(chunk_key, chunk)
                     out[dst] = chunk[src]
@@ -988,10 +1024,17 @@ class _ZarrChunks:
     ) -> NDArray[Any] | None:
         """Inner chunk ``inner`` of open shard ``fh``; ``None`` if it was never written."""
         offset, nbytes = (int(v) for v in index[inner])
+        name = self._inner_name(key, inner)
         if offset == _EMPTY_CHUNK and nbytes == _EMPTY_CHUNK:
+            self._absent.add(name)
             return None
         raw = self._read_exactly(fh, key, offset, nbytes)
-        return self._decode(raw, f"{key}[{','.join(str(c) for c in inner)}]")
+        return self._decode(raw, name)
+
+    @staticmethod
+    def _inner_name(key: str, inner: Sequence[int]) -> str:
+        """``shard key[i,j,k]``: how errors and :attr:`absent_chunks` name an inner chunk."""
+        return f"{key}[{','.join(str(c) for c in inner)}]"
 
     @staticmethod
     def _read_exactly(fh: BinaryIO, key: str, offset: int, size: int) -> memoryview:
@@ -1242,6 +1285,7 @@ class _N5Array:
         self._block: Index3 = (block[::-1][-3], block[::-1][-2], block[::-1][-1])
         self._native = dtype.newbyteorder("=")
         self._stored = dtype.newbyteorder(">")
+        self._absent: set[str] = set()
 
     def _attributes(self, folder: Path) -> dict[str, Any]:
         path = folder / "attributes.json"
@@ -1263,6 +1307,11 @@ class _N5Array:
     @property
     def dtype(self) -> np.dtype[Any]:
         return self._native
+
+    @property
+    def absent_chunks(self) -> frozenset[str]:
+        """Blocks found absent so far, as ``x/y/z`` paths inside the dataset."""
+        return frozenset(self._absent)
 
     def read(self, lo_zyx: Sequence[int], hi_zyx: Sequence[int]) -> NDArray[Any]:
         lo, hi = _check_crop(self._shape, lo_zyx, hi_zyx)
@@ -1295,6 +1344,7 @@ class _N5Array:
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
+            self._absent.add("/".join(reversed(grid_s)))
             return None
         where = f"{self._field.removesuffix('attributes.json')}{'/'.join(reversed(grid_s))}"
         try:
@@ -1468,6 +1518,11 @@ class _Hdf5Array:
     @property
     def dtype(self) -> np.dtype[Any]:
         return self._index.dtype
+
+    @property
+    def absent_chunks(self) -> frozenset[str]:
+        # BigDataViewer writes every chunk; unallocated HDF5 chunks are not tracked.
+        return frozenset()
 
     def read(self, lo_zyx: Sequence[int], hi_zyx: Sequence[int]) -> NDArray[Any]:
         import h5py
