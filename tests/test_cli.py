@@ -55,8 +55,9 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path):
     assert not (tmp_path / "p.json").exists()
 
 
-def test_demo_plan_at_parse_time_matches_the_written_demo(tmp_path):
-    xml = tmp_path / "demo" / "dataset.xml"
+def test_demo_plan_at_parse_time_matches_the_written_demo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    xml = tmp_path / "resources" / "demo" / "dataset.xml"
     config = load_config({"dataset": str(xml), "demo": True})
     before = steps.plan_from_config(config)
     assert not xml.exists()

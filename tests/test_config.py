@@ -43,5 +43,5 @@ def test_config_file_errors(tmp_path):
         read_config_file(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("dataset: [unclosed\n")
-    with pytest.raises(InputError, match="not valid YAML"):
+    with pytest.raises(InputError, match="malformed YAML"):
         read_config_file(bad)

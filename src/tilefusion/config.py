@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
+import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -18,8 +20,9 @@ import jsonschema
 import yaml
 
 from tilefusion.errors import InputError
+from tilefusion.yaml_safe import load_yaml
 
-__all__ = ["config_digest", "load_config", "read_config_file", "schema"]
+__all__ = ["MIN_CHUNK_VOXELS", "config_digest", "load_config", "read_config_file", "schema"]
 
 
 def schema() -> dict[str, Any]:
@@ -86,10 +89,23 @@ def load_config(raw: Mapping[str, Any] | None, *, source: str = "config") -> dic
         raise InputError(source, key, problem)
     _fill_defaults(config, the_schema)
 
+    _check_numbers(config, source)
     output = config["output"]
-    resolution = output["resolution"]
-    if resolution is not None and any(not (r > 0) for r in resolution):
-        raise InputError(source, "output.resolution", f"must be positive, got {resolution}")
+    if _URL.match(output["path"]):
+        raise InputError(
+            source,
+            "output.path",
+            f"{output['path']!r} is a URL; tilefusion writes to a local or mounted file "
+            "system only (mount the bucket, e.g. with s3fs, and give its path)",
+        )
+    chunk_voxels = math.prod(output["chunks"])
+    if chunk_voxels < MIN_CHUNK_VOXELS:
+        raise InputError(
+            source,
+            "output.chunks",
+            f"{output['chunks']} holds {chunk_voxels} voxels; a chunk needs at least "
+            f"{MIN_CHUNK_VOXELS} (e.g. [16, 16, 16] or [1, 64, 64])",
+        )
     shards = output["shards"]
     if shards is not None:
         if output["format"] == "ome-zarr-0.4":
@@ -103,15 +119,47 @@ def load_config(raw: Mapping[str, Any] | None, *, source: str = "config") -> dic
     return config
 
 
+MIN_CHUNK_VOXELS = 4096
+"""Smallest chunk a run may ask for: below it, per-object costs swamp the work."""
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _check_numbers(config: Mapping[str, Any], source: str) -> None:
+    """Lengths must be finite and positive, matrices well shaped and finite."""
+    lengths = {
+        "world_unit": config.get("world_unit"),
+        "output.resolution": config["output"]["resolution"],
+    }
+    for key, values in lengths.items():
+        if values is not None and not all(math.isfinite(v) and v > 0 for v in values):
+            raise InputError(source, key, f"must be finite and positive, got {values}")
+    for key in ("blend_range", "blend_border"):
+        values = config["fusion"][key]
+        if not all(math.isfinite(v) for v in values):
+            raise InputError(source, f"fusion.{key}", f"must be finite, got {values}")
+    for index, step in enumerate(config["fusion"]["post_transforms"]):
+        ((kind, value),) = step.items()
+        key = f"fusion.post_transforms.{index}.{kind}"
+        rows = value if kind == "affine_zyx" else [value]
+        if not all(math.isfinite(v) for row in rows for v in row):
+            raise InputError(source, key, f"must be finite, got {value}")
+        if kind == "scale" and not all(v != 0 for v in value):
+            raise InputError(source, key, f"a zero scale is singular, got {value}")
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file and validate it (see :func:`load_config`)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise InputError(str(path), "", "config file not found") from None
-    except yaml.YAMLError as exc:
-        raise InputError(str(path), "", f"not valid YAML ({exc.__class__.__name__})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(
+            str(path), "", f"cannot read: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    raw = load_yaml(text, source=str(path))
     if raw is not None and not isinstance(raw, dict):
         raise InputError(str(path), "", "a config file holds a mapping of keys")
     return load_config(raw, source=str(path))

@@ -23,7 +23,10 @@ from numpy.typing import NDArray
 from tilefusion import geometry
 from tilefusion.readers.base import ArraySource, Dataset, View
 
-__all__ = ["DemoSpec", "demo_dataset", "ground_truth", "write_demo"]
+__all__ = ["DEMO_DATASET", "DemoSpec", "demo_dataset", "ground_truth", "write_demo"]
+
+DEMO_DATASET = "resources/demo/dataset.xml"
+"""Where the workflow generates the demo (``demo: true``), relative to its working directory."""
 
 _RNG_SEED = 7
 
@@ -125,6 +128,7 @@ def demo_dataset(xml_path: str | Path, spec: DemoSpec = DemoSpec()) -> Dataset:
                 source=ArraySource("zarr", str(xml_path.parent / f"tile{setup}.zarr")),
                 attributes={"channel": 0, "illumination": 0, "tile": setup, "angle": 0},
                 calibration_zyx=tuple(calibration.tolist()),
+                dtype="uint16",
             )
         )
     return Dataset(str(xml_path), "micrometer", tuple(views))

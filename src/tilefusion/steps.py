@@ -27,6 +27,7 @@ __all__ = [
     "assemble",
     "check_output_path",
     "check_state_owner",
+    "demo_requested",
     "downsample",
     "fuse",
     "fuse_memory_mb",
@@ -52,7 +53,7 @@ log = logging.getLogger("tilefusion")
 # Settings that change stored bytes: an output written with others is not resumed.
 _IDENTITY_KEYS = ("dataset", "selection", "world_unit", "output", "fusion")
 _NOT_IDENTITY = {
-    "output": ("path", "overwrite"),
+    "output": ("path", "overwrite", "max_size_tb"),
     "fusion": ("chunks_per_range", "read_block", "device"),
 }
 
@@ -95,9 +96,17 @@ def check_state_owner(path: str | Path, config: Mapping[str, Any]) -> None:
         )
 
 
+ENGINE_SEMANTICS = 2
+"""Raised when the engine's output for the same settings changes (2: tile faces kept).
+
+Part of the store identity, so that an output begun by an engine that
+computed other values is not resumed with this one.
+"""
+
+
 def store_identity(config: Mapping[str, Any]) -> str:
-    """Hash of every setting that changes the stored bytes."""
-    chosen: dict[str, Any] = {}
+    """Hash of every setting that changes the stored bytes (and the engine's semantics)."""
+    chosen: dict[str, Any] = {"engine": ENGINE_SEMANTICS}
     for key in _IDENTITY_KEYS:
         value = config.get(key)
         if isinstance(value, dict):
@@ -113,24 +122,63 @@ def plan_settings_digest(config: Mapping[str, Any]) -> str:
     )
 
 
+def demo_requested(config: Mapping[str, Any]) -> bool:
+    """Whether this run is to generate the bundled demo: ``demo`` set, at its own path.
+
+    The bundled config sets ``demo``; merged with a user's config that names
+    another dataset it must not make synthetic data at that path.
+    """
+    from tilefusion.demo import DEMO_DATASET
+
+    if not config.get("demo"):
+        return False
+    return Path(config["dataset"]).resolve() == Path(DEMO_DATASET).resolve()
+
+
+def _missing_dataset(config: Mapping[str, Any]) -> InputError:
+    from tilefusion.demo import DEMO_DATASET
+
+    path = Path(config["dataset"])
+    where = "" if path.is_absolute() else f" (resolved against the working directory {os.getcwd()})"
+    hint = (
+        f"; demo: true generates the bundled demo only at {DEMO_DATASET}"
+        if config.get("demo")
+        else ""
+    )
+    return InputError(str(path), "dataset", f"file not found{where}{hint}")
+
+
+def _one_value(what: str, values: set[int], source: str) -> None:
+    if len(values) > 1:
+        raise InputError(
+            source,
+            "selection",
+            f"the selected views span {what}s {sorted(values)}: views of different {what}s "
+            f"are never blended; select one (selection.{what}) and run once per {what}",
+        )
+
+
 def load_dataset(config: Mapping[str, Any], *, metadata_only: bool = True) -> Dataset:
     """Read the configured dataset and apply the selection.
 
-    When the dataset file is missing and ``demo`` is set, the demo's views
-    are returned as the demo step will write them.
+    When the dataset file is missing and the demo is requested (see
+    :func:`demo_requested`), the demo's views are returned as the demo step
+    will write them. The selection must name one timepoint and one channel.
     """
     from tilefusion.readers import read_dataset
 
     path = Path(config["dataset"])
-    if not path.exists() and config.get("demo"):
+    if path.exists():
+        dataset = read_dataset(path)
+    elif demo_requested(config):
         from tilefusion.demo import demo_dataset
 
         dataset = demo_dataset(path)
     else:
-        dataset = read_dataset(path)
+        raise _missing_dataset(config)
     selection = dict(config.get("selection") or {})
     # One timepoint and channel per run: default to the first of each.
-    if selection.get("timepoint") is None and selection.get("setups") is None:
+    if selection.get("timepoint") is None:
         timepoints = sorted({v.timepoint for v in dataset.views})
         selection["timepoint"] = timepoints[0] if timepoints else None
     if selection.get("channel") is None and selection.get("setups") is None:
@@ -141,10 +189,16 @@ def load_dataset(config: Mapping[str, Any], *, metadata_only: bool = True) -> Da
     selected = dataset.select(**selection)
     if not selected.views:
         raise InputError(str(path), "selection", f"no view matches {selection}")
+    _one_value("timepoint", {v.timepoint for v in selected.views}, str(path))
+    _one_value(
+        "channel",
+        {v.attributes["channel"] for v in selected.views if "channel" in v.attributes},
+        str(path),
+    )
     if not metadata_only:
         from tilefusion.readers import check_arrays
 
-        check_arrays(selected)
+        selected = check_arrays(selected)
     return selected
 
 
@@ -157,7 +211,7 @@ def plan_from_config(
     output = config["output"]
     fusion = config["fusion"]
     post = post_transform_affine(fusion["post_transforms"], source=source)
-    return make_plan(
+    plan = make_plan(
         dataset,
         resolution_zyx=output["resolution"],
         world_unit_zyx=config["world_unit"],
@@ -168,6 +222,25 @@ def plan_from_config(
         pyramid_levels=output["pyramid_levels"],
         settings={"identity": store_identity(config)},
     )
+    _check_output_size(plan, output, source=source)
+    return plan
+
+
+def _check_output_size(plan: Plan, output: Mapping[str, Any], *, source: str) -> None:
+    """Refuse a level 0 larger than ``output.max_size_tb`` (uncompressed)."""
+    import numpy as np
+
+    declared = {t.dtype for t in plan.tiles if t.dtype}
+    dtype = output["dtype"] if output["dtype"] != "same" else (declared or {"uint16"}).pop()
+    size = math.prod(plan.shape_zyx) * np.dtype(dtype).itemsize
+    if size > output["max_size_tb"] * 1e12:
+        raise InputError(
+            source,
+            "output.max_size_tb",
+            f"the output would be {size / 1e12:.3g} TB ({list(plan.shape_zyx)} voxels of "
+            f"{dtype} at resolution {list(plan.resolution_zyx)}), above the limit of "
+            f"{output['max_size_tb']} TB; check output.resolution, or raise the limit",
+        )
 
 
 def write_plan(config: Mapping[str, Any], *, plan_path: str, manifest_path: str) -> Plan:
@@ -198,6 +271,9 @@ def _write_plan_files(plan: Plan, *, plan_path: str, manifest_path: str) -> None
 def _output_dtype(config: Mapping[str, Any], plan: Plan) -> str:
     wanted = str(config["output"]["dtype"])
     if wanted != "same":
+        kinds = sorted({t.dtype for t in plan.tiles if t.dtype})
+        if len(kinds) > 1:
+            log.warning("tiles differ in type %s: all are cast to output.dtype %s", kinds, wanted)
         return wanted
     declared = {t.dtype for t in plan.tiles if t.dtype}
     if not declared:
@@ -206,7 +282,9 @@ def _output_dtype(config: Mapping[str, Any], plan: Plan) -> str:
         declared = {str(open_array(plan.tiles[0].source).dtype)}
     if len(declared) > 1:
         raise InputError(
-            plan.dataset, "dtype", f"tiles differ in type {sorted(declared)}; set output.dtype"
+            plan.dataset,
+            "dtype",
+            f"tiles differ in type {sorted(declared)}; set output.dtype to the one wanted",
         )
     return declared.pop()
 
@@ -261,17 +339,22 @@ def prepare(config: Mapping[str, Any], *, plan_path: str, record_path: str) -> d
     plan = read_plan(plan_path)
     output = config["output"]
     dtype = _output_dtype(config, plan)
-    outcome = prepare_store(
-        plan,
-        output["path"],
-        ngff=format_from_name(output["format"]),
-        dtype=dtype,
-        codec=output["compression"]["codec"],
-        level=output["compression"]["level"],
-        identity=store_identity(config),
-        overwrite=bool(output["overwrite"]),
-        protected=protected_paths(config, plan),
-    )
+    try:
+        outcome = prepare_store(
+            plan,
+            output["path"],
+            ngff=format_from_name(output["format"]),
+            dtype=dtype,
+            codec=output["compression"]["codec"],
+            level=output["compression"]["level"],
+            identity=store_identity(config),
+            overwrite=bool(output["overwrite"]),
+            protected=protected_paths(config, plan),
+        )
+    except OSError as exc:  # a full disk, no permission: what was written resumes later
+        raise InputError(
+            output["path"], "output.path", f"cannot write ({exc.strerror or exc})"
+        ) from None
     log.info("output %s: %s (%s, %s)", output["path"], outcome, output["format"], dtype)
     record = {"store": str(Path(output["path"]).resolve()), "outcome": outcome, "dtype": dtype}
     write_json(record_path, record)
@@ -279,14 +362,15 @@ def prepare(config: Mapping[str, Any], *, plan_path: str, record_path: str) -> d
 
 
 def refresh_inputs_record(
-    path: str | Path, config: Mapping[str, Any], plan: Plan | None = None
+    path: str | Path, config: Mapping[str, Any], plan: Plan | None = None, *, write: bool = True
 ) -> bool:
     """Write the inputs' fingerprint to ``path`` when it changed; return whether it did.
 
     The workflow's plan rule takes this file as an input: rewritten after a
     tile changed, it is newer than the plan, so the plan and every job after
     it run again. The plan step refreshes it before writing the plan.
-    ``plan`` (default: planned from the metadata) gives the tiles.
+    ``plan`` (default: planned from the metadata) gives the tiles. With
+    ``write=False`` nothing is written (a dry run).
     """
     from tilefusion.readers import inputs_fingerprint
 
@@ -304,7 +388,8 @@ def refresh_inputs_record(
             return False
     except (OSError, ValueError):
         pass
-    write_json(path, record)
+    if write:
+        write_json(path, record)
     return True
 
 

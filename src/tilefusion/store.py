@@ -29,6 +29,7 @@ __all__ = [
     "NgffFormat",
     "check_owner",
     "format_from_name",
+    "lock_output",
     "open_level",
     "prepare_store",
     "read_owner",
@@ -403,9 +404,71 @@ def prepare_store(
     return "replaced" if state == "replace" else "created"
 
 
+class OutputLock:
+    """An exclusive lock on an output for the life of one run (see :func:`lock_output`)."""
+
+    def __init__(self, path: Path, handle: Any) -> None:
+        self.path = path
+        self._handle = handle
+
+    def release(self) -> None:
+        """Drop the lock (the kernel also drops it when the process ends)."""
+        self._handle.close()
+
+
+def lock_output(path: str | Path) -> OutputLock:
+    """Take the run's lock on the output at ``path``, or refuse in one line.
+
+    The lock is a file beside the output, ``.<name>.lock``, held with
+    ``flock`` by the process that runs the workflow: two runs from two
+    working directories cannot write one output at once, and a run that dies
+    leaves no stale lock.
+
+    Raises
+    ------
+    InputError
+        When another run holds it (naming its process, host and folder).
+    """
+    import fcntl
+    import socket
+
+    path = Path(path)
+    lock_path = path.with_name(f".{path.name}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = lock_path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise _refuse(
+            path, f"another run is writing this output ({holder}); wait for it or stop it"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, working directory {os.getcwd()}")
+    handle.flush()
+    return OutputLock(lock_path, handle)
+
+
 def open_level(path: str | Path, level: int, *, mode: str = "r+") -> zarr.Array:
-    """Open one level's array."""
-    return zarr.open_array(str(Path(path) / str(level)), mode=mode)
+    """Open one level's array.
+
+    Raises
+    ------
+    InputError
+        When its metadata is missing or unreadable (the plan step writes it again).
+    """
+    try:
+        return zarr.open_array(str(Path(path) / str(level)), mode=mode)
+    except Exception as exc:  # missing or damaged metadata
+        raise InputError(
+            f"{path}/{level}",
+            "array metadata",
+            f"missing or unreadable ({exc.__class__.__name__}); rerun the plan step "
+            "(snakemake --forcerun plan) to write it again",
+        ) from None
 
 
 def write_ngff_metadata(

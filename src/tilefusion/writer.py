@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from tilefusion.errors import InputError
 from tilefusion.plan import Level, Shape3
 
 __all__ = ["LevelWriter", "UnsupportedLayout", "cast_into", "cast_to_dtype", "object_digest"]
@@ -109,11 +111,21 @@ def _v3_compressor(codecs: Sequence[dict[str, Any]], where: str) -> Any:
 
 
 def _read_layout(array_path: Path) -> _Layout:
-    if (array_path / "zarr.json").exists():
-        return _v3_layout(array_path)
-    if (array_path / ".zarray").exists():
-        return _v2_layout(array_path)
-    raise FileNotFoundError(f"{array_path}: no zarr.json or .zarray (store not prepared)")
+    try:
+        if (array_path / "zarr.json").exists():
+            return _v3_layout(array_path)
+        if (array_path / ".zarray").exists():
+            return _v2_layout(array_path)
+        problem = "no zarr.json or .zarray"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, UnsupportedLayout):
+            raise
+        problem = f"unreadable ({exc.__class__.__name__})"
+    raise InputError(
+        str(array_path),
+        "array metadata",
+        f"{problem}; rerun the plan step (snakemake --forcerun plan) to write it again",
+    )
 
 
 def _v3_layout(array_path: Path) -> _Layout:
@@ -293,6 +305,9 @@ class LevelWriter:
 
     @staticmethod
     def _store(path: Path, payload: bytes | None) -> str | None:
+        if path.is_dir() and not path.is_symlink():
+            # A folder where this job's object belongs (damage): the key is ours.
+            shutil.rmtree(path)
         if payload is None:
             # An earlier run may have stored data here; the plan says it is empty now.
             path.unlink(missing_ok=True)

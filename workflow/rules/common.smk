@@ -4,6 +4,7 @@ from pathlib import Path
 from tilefusion import steps
 from tilefusion.config import load_config
 from tilefusion.errors import InputError
+from tilefusion.store import lock_output
 
 # Users' mistakes stop the run here, before any job, with one line naming the
 # file and field; the plan is made from metadata only, so every fuse job is in
@@ -33,8 +34,19 @@ try:
     if workflow.is_main_process:
         steps.check_state_owner(INPUTS_RECORD, config)
         # At parse time only the output settings know of -n.
-        if not workflow.output_settings.dryrun:
-            steps.refresh_inputs_record(INPUTS_RECORD, config, PLAN)
+        dry_run = workflow.output_settings.dryrun
+        if not dry_run:
+            # Held until Snakemake exits: no second run writes this output meanwhile.
+            OUTPUT_LOCK = lock_output(config["output"]["path"])
+        changed = steps.refresh_inputs_record(
+            INPUTS_RECORD, config, PLAN, write=not dry_run
+        )
+        if dry_run and changed and Path(INPUTS_RECORD).exists():
+            print(
+                "tilefusion: the dataset or its tiles changed since they were "
+                "planned: a run will plan and fuse again",
+                file=sys.stderr,
+            )
 except InputError as error:
     sys.exit(f"tilefusion: error: {error}")
 

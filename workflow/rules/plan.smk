@@ -1,4 +1,4 @@
-if config["demo"]:
+if steps.demo_requested(config):
 
     rule demo_dataset:
         output:

@@ -7,6 +7,7 @@ reading metadata only, that every view's array exists and matches.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -52,8 +53,13 @@ def read_dataset(path: str | os.PathLike[str]) -> Dataset:
     )
 
 
-def check_arrays(dataset: Dataset) -> None:
+def check_arrays(dataset: Dataset) -> Dataset:
     """Open every view's array (metadata only) and compare it with the dataset.
+
+    Returns
+    -------
+    Dataset
+        The same views, each with the pixel type its array has.
 
     Raises
     ------
@@ -61,6 +67,7 @@ def check_arrays(dataset: Dataset) -> None:
         Naming the array's file and the field, when an array is missing or
         unreadable, or its shape or dtype disagrees with the metadata.
     """
+    checked = []
     for view in dataset.views:
         array = open_array(view.source)
         field = f"view {view.name}"
@@ -79,6 +86,8 @@ def check_arrays(dataset: Dataset) -> None:
                 f"{field} dtype",
                 f"array is {array.dtype.name} but {dataset.path} says {view.dtype}",
             )
+        checked.append(dataclasses.replace(view, dtype=array.dtype.name))
+    return Dataset(dataset.path, dataset.unit, tuple(checked))
 
 
 def _stat_entry(path: str) -> list[object]:

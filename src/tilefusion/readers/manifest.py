@@ -50,13 +50,13 @@ from pathlib import Path
 from typing import Any, cast, get_args
 
 import numpy as np
-import yaml
 from numpy.typing import NDArray
 
 from tilefusion.errors import InputError
 from tilefusion.geometry import affine_from_bdv, check_affine, compose, scale, translation
 from tilefusion.readers.base import ArrayFormat, ArraySource, Dataset, View
 from tilefusion.readers.bdv_xml import normalize_unit
+from tilefusion.yaml_safe import load_yaml
 
 __all__ = ["read_tile_manifest"]
 
@@ -111,13 +111,12 @@ def read_tile_manifest(path: str | os.PathLike[str]) -> Dataset:
     src = str(path)
     manifest = Path(path)
     try:
-        doc = yaml.safe_load(manifest.read_text(encoding="utf-8"))
+        text = manifest.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(src, "", "file not found") from None
-    except OSError as exc:
-        raise InputError(src, "", f"cannot read: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise InputError(src, "YAML", f"malformed YAML: {exc}".replace("\n", " ")) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(src, "", f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    doc = load_yaml(text, source=src)
     if not isinstance(doc, dict):
         raise InputError(src, "", "a manifest is a mapping with 'tiles' (and optional 'unit')")
     unknown = set(doc) - {"unit", "tiles"}
