@@ -7,6 +7,7 @@ nothing that looks finished.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -604,6 +605,8 @@ def validate(
             also=also,
         )
     write_json(report_path, report)
+    for line in report["warnings"]:
+        log.warning("%s", line)
     if not report["ok"]:
         for line in report["problems"]:
             log.error("%s", line)
@@ -637,6 +640,9 @@ def fuse_runtime_min(plan: Plan, *, attempt: int = 1) -> int:
     return int(max(10, math.ceil(voxels / 2e6 / 60 * 3)) * 2 ** (attempt - 1))
 
 
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def run_logged(log_path: str, step: Any, /, **kwargs: Any) -> Any:
     """Run a step from a Snakemake script, logging to the rule's log file.
 
@@ -654,6 +660,14 @@ def run_logged(log_path: str, step: Any, /, **kwargs: Any) -> Any:
     except InputError as error:
         log.error("tilefusion: error: %s", error)
         raise SystemExit(f"tilefusion: error: {error}") from None
+    except OSError as error:
+        if error.errno not in _ENVIRONMENT_ERRNOS:
+            log.exception("failed")
+            raise
+        # A full disk, a quota, a read-only or forbidden place: not a bug.
+        line = f"{error.filename or ''}: {error.strerror}".lstrip(": ")
+        log.error("tilefusion: error: %s", line)
+        raise SystemExit(f"tilefusion: error: {line}") from None
     except Exception:
         log.exception("failed")
         raise

@@ -177,7 +177,9 @@ def validate_output(
         (``[level, range]`` pairs to rerun), ``structure_damaged`` (Zarr
         metadata missing or unreadable: the plan step repairs it),
         ``metadata_problems`` (OME-NGFF metadata: the assemble step rewrites
-        it) and per-level statistics.
+        it), ``absent_input_chunks`` (tile to the absent tile chunks its fuse
+        jobs read as no data, summed over jobs: a chunk two jobs read counts
+        twice), ``warnings`` (one line each) and per-level statistics.
     """
     store_path = Path(store_path)
     problems: list[str] = []
@@ -258,9 +260,19 @@ def validate_output(
                 else None,
             }
         )
+    absent: dict[str, int] = {}
+    for _, marker in sorted(loaded.items()):
+        for tile, count in (marker.get("absent_input_chunks") or {}).items():
+            absent[tile] = absent.get(tile, 0) + int(count)
+    warnings = [
+        f"tile {tile}: absent chunks read as no data ({count} chunk reads over the fuse jobs)"
+        for tile, count in absent.items()
+    ]
     return {
         "ok": not problems,
         "problems": problems,
+        "warnings": warnings,
+        "absent_input_chunks": absent,
         "bad_ranges": sorted([list(b) for b in bad]),
         "structure_damaged": bool(structure),
         "metadata_problems": bool(metadata_problems),

@@ -1,0 +1,146 @@
+"""Faults of the environment and degenerate tiles: one line, nothing lost, resumable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+import zarr
+from pipeline import run_pipeline
+
+from tilefusion.demo import write_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEFILE = ROOT / "Snakefile"
+
+needs_snakemake = pytest.mark.skipif(
+    shutil.which("snakemake") is None, reason="snakemake not installed"
+)
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _config(dataset: Path, output: Path) -> dict:
+    return {
+        "dataset": str(dataset),
+        "output": {
+            "path": str(output),
+            "chunks": [16, 32, 32],
+            "shards": [32, 64, 64],
+            "pyramid_levels": 2,
+        },
+        "fusion": {"chunks_per_range": 64},
+    }
+
+
+def _snakemake(workdir: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
+    configfile = workdir / "my.yaml"
+    workdir.mkdir(parents=True, exist_ok=True)
+    configfile.write_text(yaml.safe_dump(config))
+    return subprocess.run(
+        [
+            "snakemake",
+            *("-s", str(SNAKEFILE), "-d", str(workdir), "--configfile", str(configfile)),
+            *("--cores", "1", *args),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (root only), grown to 256 MiB by calling the returned function."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small file system needs root")
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+
+    def grow() -> None:
+        subprocess.run(["mount", "-o", "remount,size=256m", str(mount_point)], check=True)
+
+    try:
+        yield mount_point, grow
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)])
+
+
+@needs_snakemake
+def test_a_full_disk_ends_in_one_line_and_the_rerun_gives_the_clean_bytes(
+    tmp_path, demo_xml, small_disk
+):
+    mount_point, grow = small_disk
+    output = mount_point / "fused.ome.zarr"
+    clean = _snakemake(tmp_path / "clean", _config(demo_xml, tmp_path / "clean" / "fused.ome.zarr"))
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    clean_bytes = _tree(tmp_path / "clean" / "fused.ome.zarr")
+
+    workdir = tmp_path / "run"
+    full = _snakemake(workdir, _config(demo_xml, output))
+    assert full.returncode != 0
+    logs = "".join(p.read_text() for p in (workdir / "logs").rglob("*.log"))
+    errors = [line for line in logs.splitlines() if "tilefusion: error:" in line]
+    assert errors and all("No space left on device" in line for line in errors), logs[-3000:]
+    assert "Traceback" not in logs
+    assert not (workdir / "results/tilefusion/fused/qc_report.json").exists()
+
+    grow()
+    rerun = _snakemake(workdir, _config(demo_xml, output), "--rerun-incomplete")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _tree(output) == clean_bytes
+
+
+def _manifest(folder: Path, data: np.ndarray) -> Path:
+    zarr.save_array(str(folder / "tile0.zarr"), data, zarr_format=2)
+    tile = {"path": "tile0.zarr", "voxel_size": [1.0, 1.0, 1.0], "shape": list(data.shape)}
+    manifest = folder / "tiles.yaml"
+    manifest.write_text(yaml.safe_dump({"tiles": [tile]}))
+    return manifest
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 64), (1, 1, 1)], ids=["2D tile", "one voxel"])
+def test_a_flat_tile_is_fused_not_dropped(tmp_path, shape):
+    rng = np.random.default_rng(3)
+    data = rng.integers(1, 1000, size=shape, dtype=np.uint16)
+    manifest = _manifest(tmp_path, data)
+    config = _config(manifest, tmp_path / "fused.ome.zarr")
+    config["output"]["chunks"] = [1, 64, 64]
+    config["output"]["shards"] = None
+    config["output"]["pyramid_levels"] = 1
+    run_pipeline(config, tmp_path)
+    fused = np.asarray(zarr.open_array(str(tmp_path / "fused.ome.zarr" / "0"), mode="r")[:])
+    np.testing.assert_array_equal(fused, data)
+    report = json.loads((tmp_path / "results/tilefusion/qc_report.json").read_text())
+    assert report["ok"] and report["levels"][0]["coverage"] == 1.0
+
+
+def test_absent_tile_chunks_are_reported_in_the_qc_report(tmp_path):
+    xml = tmp_path / "data" / "dataset.xml"
+    write_demo(xml)
+    (xml.parent / "tile1.zarr" / "0" / "0.0.0").unlink()
+    run_pipeline(_config(xml, tmp_path / "fused.ome.zarr"), tmp_path)
+    report = json.loads((tmp_path / "results/tilefusion/qc_report.json").read_text())
+    assert report["ok"]
+    assert list(report["absent_input_chunks"]) == ["t0-s1"]
+    assert report["absent_input_chunks"]["t0-s1"] >= 1
+    (warning,) = report["warnings"]
+    assert warning.startswith("tile t0-s1: absent chunks read as no data")
