@@ -22,7 +22,9 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import logging
 import math
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +36,8 @@ from numpy.typing import NDArray
 from tilefusion import geometry
 from tilefusion.atomic import write_text_atomic
 from tilefusion.errors import InputError
-from tilefusion.readers.base import ArraySource, Dataset
+from tilefusion.readers.arrays import StoredLevel, open_array, stored_levels
+from tilefusion.readers.base import ArraySource, Dataset, View
 
 __all__ = [
     "Level",
@@ -43,6 +46,7 @@ __all__ = [
     "RangeCuts",
     "Shape3",
     "chunk_tile_pairs",
+    "level_allowance",
     "level_factor",
     "make_plan",
     "post_transform_affine",
@@ -54,6 +58,8 @@ __all__ = [
 ]
 
 # 2: levels state range_voxels instead of listing every range's first shard.
+# (A tile's "level" came later without a new version: it defaults to 0, and a
+# tile's source, shape and tile_to_output already describe the level read.)
 PLAN_VERSION = 2
 Shape3 = tuple[int, int, int]
 Float3 = tuple[float, float, float]
@@ -69,21 +75,26 @@ def _float3(values: Sequence[Any] | NDArray[Any]) -> Float3:
 
 @dataclass(frozen=True)
 class PlannedTile:
-    """One tile as the fuse jobs see it.
+    """One tile as the fuse jobs see it: the stored resolution level they read.
 
     Attributes
     ----------
     name : str
         View name (``t{timepoint}-s{setup}``).
     source : ArraySource
-        Where its pixels are.
+        Where the pixels of the level read are (the view's own source for
+        level 0).
     shape_zyx : tuple of int
+        Shape of that level.
     dtype : str or None
         Pixel type the metadata declares.
     tile_to_output : ndarray of shape (4, 4)
-        Tile voxel index to output voxel index (level 0).
+        Voxel index of that level to output voxel index (output level 0).
     box_lo, box_hi : tuple of float
-        Bounding box of the tile's voxel centres in output voxel indices.
+        Bounding box of the level's voxel centres in output voxel indices.
+    level : int
+        The tile's stored resolution level read (0: full resolution; see
+        :func:`make_plan`). Plans without it are of level 0.
     """
 
     name: str
@@ -95,6 +106,7 @@ class PlannedTile:
     tile_to_output: NDArray[np.float64]
     box_lo: Float3
     box_hi: Float3
+    level: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -107,6 +119,7 @@ class PlannedTile:
             "tile_to_output": self.tile_to_output.tolist(),
             "box_lo": list(self.box_lo),
             "box_hi": list(self.box_hi),
+            "level": self.level,
         }
 
     @classmethod
@@ -121,6 +134,7 @@ class PlannedTile:
             tile_to_output=np.asarray(data["tile_to_output"], dtype=np.float64),
             box_lo=_float3(data["box_lo"]),
             box_hi=_float3(data["box_hi"]),
+            level=int(data.get("level", 0)),
         )
 
 
@@ -579,6 +593,78 @@ class RangeCuts:
         return int(np.max(np.diff(edges)))
 
 
+log = logging.getLogger("tilefusion")
+
+# Relative slack when comparing a level's factor with the one allowed.
+_FACTOR_SLACK = 1e-6
+
+
+def level_allowance(tile_to_output: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Per tile axis (zyx), the largest factor a stored level may have there.
+
+    A level of factor ``f`` along tile axis ``a`` has voxels ``f`` tile voxels
+    long; mapped to the output they are ``f * |column a|`` output voxels long
+    (the column of the tile-to-output map's linear part, its Euclidean length).
+    The level is not coarser than the output where that is at most 1, i.e.
+    ``f <= 1 / |column a|``. Without rotation this is output voxel size over
+    tile voxel size on each axis, as BigStitcher measures a model's scaling
+    per axis to pick the level it fuses from.
+    """
+    linear = np.asarray(tile_to_output, dtype=np.float64)[:3, :3]
+    return np.asarray(1.0 / np.linalg.norm(linear, axis=0), dtype=np.float64)
+
+
+def _level_fits(level: StoredLevel, allowed: NDArray[np.float64]) -> bool:
+    return bool(np.all(np.asarray(level.factors_zyx) <= allowed * (1.0 + _FACTOR_SLACK)))
+
+
+def _tile_level(view: View, tile_to_output: NDArray[np.float64]) -> tuple[StoredLevel, Shape3]:
+    """The stored level a view is read from, and its shape.
+
+    The coarsest level (most level-0 voxels per level voxel) whose voxel is not
+    larger than the output voxel on any tile axis (:func:`level_allowance`);
+    level 0 when the output voxel is no larger than the tile's, or no further
+    level fits or opens. A level is opened (metadata only) to learn its
+    shape; one that does not open, or whose shape or type does not match
+    the factors and the view, is passed over with a warning.
+    """
+    level0 = (StoredLevel(0, view.source, (1.0, 1.0, 1.0), np.eye(4)), _shape3(view.shape_zyx))
+    allowed = level_allowance(tile_to_output)
+    if not np.any(allowed > 1.0 + _FACTOR_SLACK):
+        return level0
+    fitting = [lv for lv in stored_levels(view.source)[1:] if _level_fits(lv, allowed)]
+    fitting.sort(key=lambda lv: (-math.prod(lv.factors_zyx), lv.index))
+    for level in fitting:
+        try:
+            array = open_array(level.source)
+        except InputError as error:
+            log.warning("tile %s: stored level %d not used: %s", view.name, level.index, error)
+            continue
+        shape = _shape3(array.shape)
+        expected = np.asarray(view.shape_zyx) / np.asarray(level.factors_zyx)
+        if np.any(np.abs(np.asarray(shape) - expected) > 1.0 + _FACTOR_SLACK):
+            log.warning(
+                "tile %s: stored level %d not used: shape %s does not match factors %s of %s",
+                view.name,
+                level.index,
+                list(shape),
+                list(level.factors_zyx),
+                list(view.shape_zyx),
+            )
+            continue
+        if view.dtype is not None and array.dtype.name != view.dtype:
+            log.warning(
+                "tile %s: stored level %d not used: type %s, not %s",
+                view.name,
+                level.index,
+                array.dtype.name,
+                view.dtype,
+            )
+            continue
+        return level, shape
+    return level0
+
+
 def make_plan(
     dataset: Dataset,
     *,
@@ -590,8 +676,23 @@ def make_plan(
     chunks_per_range: int = 1024,
     pyramid_levels: int | None = None,
     settings: dict[str, Any] | None = None,
+    use_stored_levels: bool = True,
 ) -> Plan:
     """Plan the fusion of a dataset's views.
+
+    The output grid follows from the views' full-resolution (level-0) voxels.
+    Each tile is read from the coarsest resolution level stored with it
+    (:func:`~tilefusion.readers.arrays.stored_levels`) whose voxel is not
+    larger than the output voxel on any axis (:func:`level_allowance`), so an
+    output much coarser than the tiles is fused from their stored averages
+    instead of point samples of full resolution. The tile's map is then the
+    level's voxel-to-level-0 map (BigDataViewer's ``x0 = f*x + (f - 1)/2``
+    for HDF5 and N5) composed with the view's; its box and shape are the
+    level's, whose voxel centres may stop up to about one output voxel short
+    of level 0's at each face. Where no stored level fits (or at the tiles'
+    own resolution), level 0 is read and each output voxel samples it at one
+    point (linear interpolation), with no anti-aliasing: box averaging is
+    not done here.
 
     Parameters
     ----------
@@ -612,6 +713,9 @@ def make_plan(
         level halves the axes :func:`level_factor` picks.
     settings : dict, optional
         Settings recorded in the plan (they make its identity).
+    use_stored_levels : bool
+        Read stored levels where they fit (opens containers' metadata when the
+        output voxel is larger than a tile's); ``False`` reads level 0 only.
 
     Returns
     -------
@@ -676,6 +780,15 @@ def make_plan(
     shift = geometry.translation(-index_lo)
     tiles = []
     for view, affine, pts in zip(dataset.views, to_grid_units, corners):
+        tile_shape = _shape3(view.shape_zyx)
+        level = 0
+        tile_source = view.source
+        if use_stored_levels:
+            stored, tile_shape = _tile_level(view, affine)
+            if stored.index:
+                level, tile_source = stored.index, stored.source
+                affine = affine @ stored.to_level0
+                pts = geometry.transform_points(affine, geometry.box_corners(tile_shape))
         lo = pts.min(axis=0) - index_lo
         hi = pts.max(axis=0) - index_lo
         tiles.append(
@@ -683,14 +796,37 @@ def make_plan(
                 name=view.name,
                 setup=view.setup,
                 timepoint=view.timepoint,
-                source=view.source,
-                shape_zyx=_shape3(view.shape_zyx),
+                source=tile_source,
+                shape_zyx=tile_shape,
                 dtype=view.dtype,
                 tile_to_output=shift @ affine,
                 box_lo=_float3(lo),
                 box_hi=_float3(hi),
+                level=level,
             )
         )
+    coarse = [t for t in tiles if t.level]
+    if coarse:
+        log.info(
+            "%d of %d tiles are read from stored levels (%s)",
+            len(coarse),
+            len(tiles),
+            ", ".join(
+                f"level {k}: {n}" for k, n in sorted(Counter(t.level for t in coarse).items())
+            ),
+        )
+    if use_stored_levels:
+        # Output voxels at least twice the voxels read: point samples skip data.
+        skipped = [float(np.max(level_allowance(t.tile_to_output))) for t in tiles]
+        sparse = [v for v in skipped if v >= 2.0 * (1.0 - _FACTOR_SLACK)]
+        if sparse:
+            log.info(
+                "%d of %d tiles have no stored level as coarse as the output (up to %.3gx "
+                "their voxel on an axis): sampled by linear interpolation, no anti-aliasing",
+                len(sparse),
+                len(tiles),
+                max(sparse),
+            )
     levels = _levels(
         shape,
         _float3(resolution),

@@ -76,10 +76,12 @@ from tilefusion.readers.base import ArraySource
 
 __all__ = [
     "ChunkCache",
+    "StoredLevel",
     "TileArray",
     "forget_memory_array",
     "open_array",
     "register_memory_array",
+    "stored_levels",
     "write_n5_array",
 ]
 
@@ -1599,6 +1601,221 @@ def _open_tiff(source: ArraySource, *, chunk_cache: ChunkCache | None = None) ->
         store = tifffile.imread(source.path, aszarr=True, series=series, level=0)
         backing = zarr.open(store, mode="r")
     return _IndexedArray(backing, template, dtype, where=(source.path, f"series {series}"))
+
+
+# ---------------------------------------------------------------------------
+# Stored resolution levels (pyramids)
+
+
+@dataclass(frozen=True)
+class StoredLevel:
+    """One stored resolution level of a tile, as its container's metadata states it.
+
+    Attributes
+    ----------
+    index : int
+        Level number (0 is the full resolution).
+    source : ArraySource
+        What :func:`open_array` opens for this level (level 0: the tile's own
+        source, unchanged).
+    factors_zyx : tuple of float
+        Level voxel size over level-0 voxel size, per axis.
+    to_level0 : ndarray of shape (4, 4)
+        Level voxel index (zyx) to level-0 voxel index.
+    """
+
+    index: int
+    source: ArraySource
+    factors_zyx: tuple[float, float, float]
+    to_level0: NDArray[np.float64]
+
+
+def _bdv_mipmap(factors_zyx: Sequence[float]) -> NDArray[np.float64]:
+    """BigDataViewer's level-to-full-resolution map: ``x0 = f * x + (f - 1) / 2`` per axis.
+
+    bdv-core builds it in ``MipmapTransforms.getMipmapTransformDefault`` for
+    every HDF5 and N5 level (its loaders know no other); BigStitcher composes
+    the registration with it when it fuses from a level. It states that level
+    voxel ``i`` averages full-resolution voxels ``f*i .. f*i + f - 1``, whose
+    centre is ``f*i + (f - 1)/2``: how BigDataViewer writes its levels.
+    """
+    out = np.eye(4)
+    for axis, f in enumerate(factors_zyx):
+        out[axis, axis] = f
+        out[axis, 3] = (f - 1.0) / 2.0
+    return out
+
+
+def _level_factors(values: Any) -> tuple[float, float, float] | None:
+    """zyx factors from a BDV xyz triple of positive numbers, else ``None``."""
+    try:
+        xyz = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return None
+    if len(xyz) != 3 or not all(math.isfinite(v) and v > 0 for v in xyz):
+        return None
+    return (xyz[2], xyz[1], xyz[0])
+
+
+def _level0_of(source: ArraySource) -> StoredLevel:
+    return StoredLevel(0, source, (1.0, 1.0, 1.0), np.eye(4))
+
+
+def stored_levels(source: ArraySource) -> tuple[StoredLevel, ...]:
+    """The resolution levels stored with a tile, reading metadata only.
+
+    Level 0 (the tile's own ``source``) comes first, then the further levels
+    the container declares:
+
+    hdf5
+        A BigDataViewer ``t{T}/s{S}/0/cells`` dataset: levels
+        ``t{T}/s{S}/{L}/cells``, factors from ``s{S}/resolutions`` (xyz rows).
+    n5
+        A BigDataViewer ``.../s0`` dataset: its siblings ``s1, s2, ...``,
+        factors from the setup's ``downsamplingFactors`` (xyz rows, in the
+        attributes of the folder two levels up, as bdv-core writes them) or
+        else from each level's own ``downsamplingFactors``.
+    zarr
+        A local OME-Zarr multiscales group (0.4, or 0.5 under ``"ome"``): its
+        ``datasets``, factors and offsets from their ``scale`` and
+        ``translation`` against the first dataset's (the last three axes).
+
+    HDF5 and N5 levels use BigDataViewer's convention (:func:`_bdv_mipmap`):
+    level voxel ``i`` lies at level-0 coordinate ``f*i + (f - 1)/2``. OME-Zarr
+    levels use their own metadata, which places every voxel centre: a
+    pyramid written with an offset of ``(f - 1)/2`` level-0 voxels (averaged
+    blocks, as tilefusion writes them) gets it, one written without (taken
+    every ``f``-th voxel) does not.
+
+    Other formats, other layouts, and metadata that is missing or not of
+    positive numbers give level 0 only (a level whose factors are unknown is
+    left out); nothing here raises for the pyramid's metadata. The level
+    arrays themselves are not opened.
+    """
+    try:
+        if source.format == "hdf5":
+            found = _hdf5_levels(source)
+        elif source.format == "n5":
+            found = _n5_levels(source)
+        elif source.format == "zarr":
+            found = _zarr_levels(source)
+        else:
+            found = []
+    except (OSError, ValueError, KeyError, TypeError, IndexError, InputError, _ZarrPythonDecides):
+        found = []
+    return (_level0_of(source), *found)
+
+
+_BDV_LEVEL0_CELLS = re.compile(r"^/?(t\d+)/(s\d+)/0/cells$")
+
+
+def _hdf5_levels(source: ArraySource) -> list[StoredLevel]:
+    import h5py
+
+    with h5py.File(source.path, "r") as fh:
+        key = _Hdf5Array._resolve(fh, source.key or "/", source)
+        match = _BDV_LEVEL0_CELLS.match(key)
+        if match is None:
+            return []
+        timepoint, setup = match.groups()
+        resolutions = fh.get(f"{setup}/resolutions")
+        if resolutions is None:
+            return []
+        rows = np.asarray(resolutions[()], dtype=np.float64)
+        out = []
+        for level in range(1, len(rows)):
+            factors = _level_factors(rows[level])
+            level_key = f"{timepoint}/{setup}/{level}/cells"
+            if factors is not None and level_key in fh:
+                level_source = ArraySource("hdf5", source.path, level_key)
+                out.append(StoredLevel(level, level_source, factors, _bdv_mipmap(factors)))
+        return out
+
+
+def _n5_levels(source: ArraySource) -> list[StoredLevel]:
+    root = Path(source.path)
+    key = [p for p in source.key.replace("\\", "/").split("/") if p]
+    folder = root.joinpath(*key)
+    if "dimensions" not in (_json_object(folder / "attributes.json") or {}):
+        key.append("s0")  # a BDV group resolves to its s0 (see _N5Array)
+    if not key or key[-1] != "s0":
+        return []
+    parent = key[:-1]
+    setup = _json_object(root.joinpath(*parent[:-1], "attributes.json")) if parent else None
+    table = (setup or {}).get("downsamplingFactors")
+    out: list[StoredLevel] = []
+    level = 1
+    while True:
+        level_key = [*parent, f"s{level}"]
+        attrs = _json_object(root.joinpath(*level_key, "attributes.json"))
+        if attrs is None:
+            return out
+        stated = None
+        if isinstance(table, list) and level < len(table):
+            stated = table[level]
+        elif "downsamplingFactors" in attrs:
+            stated = attrs["downsamplingFactors"]
+        factors = _level_factors(stated)
+        if factors is not None:
+            level_source = ArraySource("n5", source.path, "/".join(level_key))
+            out.append(StoredLevel(level, level_source, factors, _bdv_mipmap(factors)))
+        level += 1
+
+
+def _ngff_placement(dataset: Any) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Scale and translation (last three axes) of an OME-Zarr multiscales dataset."""
+    scale = translation = None
+    for step in dataset["coordinateTransformations"]:
+        if step["type"] == "scale" and scale is None:
+            scale = [float(v) for v in step["scale"]]
+        elif step["type"] == "translation" and scale is not None and translation is None:
+            translation = [float(v) for v in step["translation"]]
+        else:
+            raise ValueError(f"unexpected coordinate transformation {step['type']!r}")
+    if scale is None:
+        raise ValueError("no scale")
+    if translation is None:
+        translation = [0.0] * len(scale)
+    if len(translation) != len(scale) or len(scale) < 2:
+        raise ValueError("scale and translation disagree")
+    pad = max(0, 3 - len(scale))
+    out_scale = np.array([1.0] * pad + scale[-3:])
+    out_translation = np.array([0.0] * pad + translation[-3:])
+    if not np.all(np.isfinite(out_scale) & (out_scale > 0)) or not np.all(
+        np.isfinite(out_translation)
+    ):
+        raise ValueError("scale and translation must be finite, scales positive")
+    return out_scale, out_translation
+
+
+def _zarr_levels(source: ArraySource) -> list[StoredLevel]:
+    if "://" in source.path or "::" in source.path:
+        return []
+    key = _zarr_path(source.key)
+    _, kind, meta = _zarr_node(Path(source.path).joinpath(*key), None)
+    if kind != "group":
+        return []
+    attrs = dict(meta.get("attributes") or {})
+    multiscales = attrs.get("multiscales") or dict(attrs.get("ome") or {}).get("multiscales")
+    if not multiscales:
+        return []
+    datasets = multiscales[0]["datasets"]
+    scale0, translation0 = _ngff_placement(datasets[0])
+    out = []
+    for level, dataset in enumerate(datasets[1:], start=1):
+        try:
+            scale, translation = _ngff_placement(dataset)
+            path = _zarr_path(str(dataset["path"]))
+        except (KeyError, TypeError, ValueError, _ZarrPythonDecides):
+            continue
+        factors = scale / scale0
+        to_level0 = np.eye(4)
+        to_level0[:3, :3] = np.diag(factors)
+        to_level0[:3, 3] = (translation - translation0) / scale0
+        level_source = ArraySource("zarr", source.path, "/".join([*key, *path]))
+        zyx = (float(factors[0]), float(factors[1]), float(factors[2]))
+        out.append(StoredLevel(level, level_source, zyx, to_level0))
+    return out
 
 
 class _Opener(Protocol):

@@ -21,6 +21,12 @@ per view) give readable sources. Any other loader (``bdv.remote``,
 still yields the geometry, with an ``unsupported`` source whose opening fails
 naming the file and the loader.
 
+Sources name full resolution (level 0). The further levels a container
+stores (BDV HDF5 ``s{S}/resolutions``, N5 ``downsamplingFactors``, OME-Zarr
+multiscales) are not in the XML; :func:`tilefusion.readers.arrays.stored_levels`
+reads them from the container when an output is coarser than the tiles (see
+:func:`tilefusion.plan.make_plan`).
+
 Validity
 --------
 Every view (setup x timepoint, less ``<MissingViews>``) must have a setup
