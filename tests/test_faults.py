@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +146,46 @@ def test_absent_tile_chunks_are_reported_in_the_qc_report(tmp_path):
     assert report["absent_input_chunks"]["t0-s1"] >= 1
     (warning,) = report["warnings"]
     assert warning.startswith("tile t0-s1: absent chunks read as no data")
+
+
+@needs_snakemake
+@pytest.mark.parametrize("stage", ["plan", "downsample", "assemble", "validate"])
+def test_a_run_killed_in_any_stage_resumes_to_the_clean_bytes(tmp_path, demo_xml, stage):
+    clean_dir = tmp_path / "clean"
+    clean = _snakemake(clean_dir, _config(demo_xml, clean_dir / "fused.ome.zarr"))
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    clean_bytes = _tree(clean_dir / "fused.ome.zarr")
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    config = _config(demo_xml, workdir / "fused.ome.zarr")
+    (workdir / "my.yaml").write_text(yaml.safe_dump(config))
+    logs = workdir / "logs" / "tilefusion" / "fused"
+    pattern = {"plan": "plan.log", "downsample": "downsample/*.log"}.get(stage, f"{stage}.log")
+    process = subprocess.Popen(
+        [
+            *("snakemake", "-s", str(SNAKEFILE), "-d", str(workdir)),
+            *("--configfile", str(workdir / "my.yaml"), "--cores", "1"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    try:
+        # SIGKILL the whole run (Snakemake and its job) once the stage's job has begun.
+        while time.monotonic() < deadline and not list(logs.glob(pattern)):
+            if process.poll() is not None:
+                break
+            time.sleep(0.005)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    report = workdir / "results/tilefusion/fused/qc_report.json"
+    assert not report.exists() or stage == "validate"
+
+    assert _snakemake(workdir, config, "--unlock").returncode == 0
+    rerun = _snakemake(workdir, config, "--rerun-incomplete")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads(report.read_text())["ok"]
+    assert _tree(workdir / "fused.ome.zarr") == clean_bytes

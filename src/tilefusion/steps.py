@@ -204,9 +204,18 @@ def load_dataset(config: Mapping[str, Any], *, metadata_only: bool = True) -> Da
 
 
 def plan_from_config(
-    config: Mapping[str, Any], *, source: str = "config", metadata_only: bool = True
+    config: Mapping[str, Any],
+    *,
+    source: str = "config",
+    metadata_only: bool = True,
+    use_stored_levels: bool = True,
 ) -> Plan:
-    """Plan the run a configuration describes (reads metadata only by default)."""
+    """Plan the run a configuration describes (reads metadata only by default).
+
+    ``use_stored_levels=False`` skips choosing each tile's stored pyramid
+    level (which opens the tiles' containers): the grid and its ranges do
+    not depend on it, so a job process that needs only those passes it.
+    """
     config = load_config(config, source=source)
     dataset = load_dataset(config, metadata_only=metadata_only)
     output = config["output"]
@@ -222,6 +231,7 @@ def plan_from_config(
         chunks_per_range=fusion["chunks_per_range"],
         pyramid_levels=output["pyramid_levels"],
         settings={"identity": store_identity(config)},
+        use_stored_levels=use_stored_levels,
     )
     _check_output_size(plan, output, source=source)
     return plan
@@ -302,7 +312,7 @@ def plan_for_run(
     config files). Job processes only need the plan's shape of ranges.
     """
     opens_tiles = main_process and Path(config["dataset"]).exists()
-    plan = plan_from_config(config, metadata_only=not opens_tiles)
+    plan = plan_from_config(config, metadata_only=not opens_tiles, use_stored_levels=main_process)
     if main_process:
         check_output_path(config, plan=plan, protected=protected)
     return plan
