@@ -147,3 +147,31 @@ def test_downsampled_levels_are_box_means_with_the_per_axis_factor(tmp_path):
         assert got.shape == level.shape_zyx
         np.testing.assert_allclose(got, _box_mean(below, level.factor_zyx), rtol=1e-6)
         below = got
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_downsample_range_waits_for_exactly_the_ranges_it_reads(seed):
+    from tilefusion.plan import range_shards, shard_box, source_ranges
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(v) for v in rng.integers(20, 90, size=3))
+    voxel = (float(rng.choice([0.5, 1.0, 2.0])), 0.5, 0.5)
+    chunks = tuple(int(v) for v in rng.choice([4, 8], size=3))
+    plan = _plan(shape, voxel, chunks_zyx=chunks, chunks_per_range=int(rng.integers(1, 5)))
+    for k in range(1, len(plan.levels)):
+        level, below = plan.levels[k], plan.levels[k - 1]
+        owner = {}
+        for r in range(below.n_ranges):
+            for shard in range_shards(below, r):
+                owner[shard] = r
+        for r in range(level.n_ranges):
+            needed = set()
+            for shard in range_shards(level, r):
+                lo, hi = shard_box(level, shard)
+                src_lo = [a * f for a, f in zip(lo, level.factor_zyx)]
+                src_hi = [min(b * f, n) for b, f, n in zip(hi, level.factor_zyx, below.shape_zyx)]
+                for s, o in owner.items():
+                    box_lo, box_hi = shard_box(below, s)
+                    if all(a < d and c < b for a, b, c, d in zip(src_lo, src_hi, box_lo, box_hi)):
+                        needed.add(o)
+            assert source_ranges(plan, k, r) == sorted(needed)

@@ -53,6 +53,7 @@ __all__ = [
     "range_chunks",
     "range_shards",
     "read_plan",
+    "source_ranges",
     "tiles_for_chunks",
     "write_manifest",
 ]
@@ -852,6 +853,46 @@ def range_shards(level: Level, range_index: int) -> list[Shape3]:
     _, ny, nx = level.shard_grid
     # Python integers: a flat index of a huge grid need not fit in int64
     return [(f // (ny * nx), f // nx % ny, f % nx) for f in range(start, stop)]
+
+
+def source_ranges(plan: Plan, level_index: int, range_index: int) -> list[int]:
+    """The ranges of level ``level_index - 1`` that one range of a pyramid level reads.
+
+    A downsample job waits for these jobs only, so the workflow's graph grows
+    with the number of jobs, not with its square.
+    """
+    if not 1 <= level_index < len(plan.levels):
+        raise IndexError(f"level {level_index} not in 1..{len(plan.levels) - 1}")
+    level, below = plan.levels[level_index], plan.levels[level_index - 1]
+    start, stop = level.range_bounds(range_index)
+    _, ny, nx = level.shard_grid
+    flat = np.arange(start, stop, dtype=np.int64)
+    shards = np.stack([flat // (ny * nx), flat // nx % ny, flat % nx], axis=1)
+    size = np.asarray(level.shards_zyx, dtype=np.int64)
+    factor = np.asarray(level.factor_zyx, dtype=np.int64)
+    shape_below = np.asarray(below.shape_zyx, dtype=np.int64)
+    step_below = np.asarray(below.shards_zyx, dtype=np.int64)
+    lo = shards * size * factor
+    hi = np.minimum((shards + 1) * size * factor, shape_below)
+    first, last = lo // step_below, (hi - 1) // step_below
+    _, by, bx = below.shard_grid
+    found: set[int] = set()
+    # Consecutive shards of one row read overlapping boxes: one block per row of shards.
+    for row_first, row_last in _row_spans(first, last):
+        z, y, x = (np.arange(a, b + 1) for a, b in zip(row_first, row_last))
+        grid = (z[:, None, None] * by + y[None, :, None]) * bx + x[None, None, :]
+        found.update(np.unique(below.range_of_shards(grid.ravel())).tolist())
+    return sorted(found)
+
+
+def _row_spans(
+    first: NDArray[np.int64], last: NDArray[np.int64]
+) -> Iterator[tuple[NDArray[np.int64], NDArray[np.int64]]]:
+    """Merge the per-shard source boxes of shards that share a z and y index."""
+    keys = first[:, :2]
+    breaks = np.flatnonzero(np.any(np.diff(keys, axis=0) != 0, axis=1)) + 1
+    for block in np.split(np.arange(len(first)), breaks):
+        yield first[block].min(axis=0), last[block].max(axis=0)
 
 
 def shard_box(level: Level, shard: Shape3) -> tuple[Shape3, Shape3]:

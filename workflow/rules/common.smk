@@ -4,6 +4,7 @@ from pathlib import Path
 from tilefusion import steps
 from tilefusion.config import load_config
 from tilefusion.errors import InputError
+from tilefusion.plan import source_ranges
 from tilefusion.store import lock_output
 
 # Users' mistakes stop the run here, before any job, with one line naming the
@@ -75,7 +76,10 @@ def get_level_markers(level):
 
 
 def get_previous_level_markers(wildcards):
-    return get_level_markers(int(wildcards.level) - 1)
+    # Only the jobs below whose objects this range reads: a graph linear in jobs.
+    level = int(wildcards.level)
+    ranges = source_ranges(PLAN, level, int(wildcards.range))
+    return [f"{MARKERS}/level{level - 1}/range{r}.json" for r in ranges]
 
 
 def get_all_markers():
