@@ -10,12 +10,16 @@ the sample. Each job reads only the part of level ``k - 1`` under its shards.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from tilefusion.plan import Plan, range_shards, shard_box
+from tilefusion.readers import ArraySource, open_array
 from tilefusion.stats import block_stats, merge_stats
 from tilefusion.store import open_level
 from tilefusion.writer import LevelWriter, cast_to_dtype
@@ -46,8 +50,14 @@ def downsample_range(
     range_index: int,
     *,
     store_path: str,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Compute one range of pyramid level ``level_index`` from the level below.
+
+    Shards are computed on ``threads`` threads at once (default: one per CPU
+    this process may use), each reading its block of the level below with
+    the direct Zarr reader the fuse jobs use; the bytes do not depend on
+    the number of threads.
 
     Returns
     -------
@@ -57,25 +67,39 @@ def downsample_range(
     if not 1 <= level_index < len(plan.levels):
         raise IndexError(f"level {level_index} not in 1..{len(plan.levels) - 1}")
     level = plan.levels[level_index]
-    source = open_level(store_path, level_index - 1, mode="r")
+    open_level(store_path, level_index - 1, mode="r")  # one line if its metadata is damaged
+    source = open_array(ArraySource("zarr", str(Path(store_path) / str(level_index - 1))))
     writer = LevelWriter(store_path, level_index, level)
     factor = level.factor_zyx
-    objects: dict[str, str | None] = {}
-    stats = []
-    for shard in range_shards(level, range_index):
+
+    def one(shard: tuple[int, int, int]) -> tuple[dict[str, str | None], Any]:
         lo, hi = shard_box(level, shard)
         src_lo = [a * f for a, f in zip(lo, factor)]
         src_hi = [min(b * f, n) for b, f, n in zip(hi, factor, source.shape)]
-        block = source[src_lo[0] : src_hi[0], src_lo[1] : src_hi[1], src_lo[2] : src_hi[2]]
-        reduced = downsample_mean(np.asarray(block), factor)
+        reduced = downsample_mean(source.read(src_lo, src_hi), factor)
         reduced = reduced[: hi[0] - lo[0], : hi[1] - lo[1], : hi[2] - lo[2]]
         # Written even when empty: the writer then drops a stale object of an earlier run.
         stored = cast_to_dtype(reduced, writer.dtype)
-        objects.update(writer.write(shard, stored))
-        stats.append(block_stats(stored))
+        return writer.write(shard, stored), block_stats(stored)
+
+    shards = range_shards(level, range_index)
+    workers = max(1, min(len(shards), threads or _cpus()))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(one, shards))
+    objects: dict[str, str | None] = {}
+    for written, _ in results:
+        objects.update(written)
     return {
         "level": level_index,
         "range": range_index,
         "objects": objects,
-        "stats": merge_stats(stats),
+        "stats": merge_stats([stats for _, stats in results]),
+        "threads": workers,
     }
+
+
+def _cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)

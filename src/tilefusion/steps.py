@@ -484,9 +484,15 @@ def fuse(
 
 
 def downsample(
-    config: Mapping[str, Any], *, plan_path: str, level: int, range_index: int, marker: str
+    config: Mapping[str, Any],
+    *,
+    plan_path: str,
+    level: int,
+    range_index: int,
+    marker: str,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Build one range of one pyramid level from the level below."""
+    """Build one range of one pyramid level from the level below (on ``threads`` threads)."""
     from tilefusion.pyramid import downsample_range
 
     config = load_config(config)
@@ -496,6 +502,7 @@ def downsample(
         level,
         range_index,
         store_path=config["output"]["path"],
+        threads=threads,
     )
     result["identity"] = plan.settings.get("identity")
     write_json(marker, result)

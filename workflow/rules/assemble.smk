@@ -13,6 +13,7 @@ rule downsample:
         level=r"[1-9]\d*",
     conda:
         "../../envs/tilefusion.yaml"
+    threads: 4
     resources:
         mem_mb=get_fuse_mem_mb,
     script:

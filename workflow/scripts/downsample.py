@@ -8,4 +8,5 @@ run_logged(
     level=int(snakemake.wildcards.level),
     range_index=int(snakemake.wildcards.range),
     marker=snakemake.output.marker,
+    threads=snakemake.threads,
 )
