@@ -395,3 +395,84 @@ def test_config_values_jobs_cannot_use_are_refused(change, field):
 def test_zstd_keeps_its_high_levels():
     config = load_config({"dataset": "d.xml", "output": {"compression": {"level": 19}}})
     assert config["output"]["compression"]["level"] == 19
+
+
+@needs_snakemake
+def test_damaged_zarr_v2_root_is_mended_without_fusing_again(tmp_path, demo_xml):
+    config = _config(demo_xml, "fused.ome.zarr", format="ome-zarr-0.4", shards=None)
+    assert _snakemake(tmp_path, config).returncode == 0
+    store = tmp_path / "fused.ome.zarr"
+    clean = _tree(store)
+    (store / ".zgroup").unlink()
+    (store / ".zattrs").write_text("{bad")
+    result = _snakemake(tmp_path, config, "--forcerun", "validate")
+    assert result.returncode != 0
+    log = (tmp_path / "logs/tilefusion/fused/validate.log").read_text()
+    assert "output group metadata missing or unreadable" in log and "Traceback" not in log
+    args = shlex.split(re.search(r"rerun with: (snakemake .*)", log).group(1))
+    assert any(a.endswith("assemble.json") for a in args)
+    rerun = _snakemake(tmp_path, config, *args[1:], "-n", "--quiet", "rules")
+    # Only metadata work: no fuse or downsample job runs again.
+    assert not re.search(r"^(fuse|downsample)\s", rerun.stdout, flags=re.M), rerun.stdout
+    assert _snakemake(tmp_path, config, *args[1:]).returncode == 0
+    assert _tree(store) == clean
+
+
+def test_an_interrupted_replace_is_still_ours(tmp_path, demo_copy, monkeypatch):
+    first = _config(demo_copy, tmp_path / "fused.ome.zarr")
+    run_pipeline(first, tmp_path)
+    second = _config(demo_copy, tmp_path / "fused.ome.zarr", overwrite=True)
+    second["fusion"]["blending"] = "max"
+    calls = []
+    real_rmtree = shutil.rmtree
+
+    def dying_rmtree(path, *args, **kwargs):
+        calls.append(path)
+        real_rmtree(path, *args, **kwargs)
+        raise _Interrupted
+
+    monkeypatch.setattr("tilefusion.store.shutil.rmtree", dying_rmtree)
+    with pytest.raises(_Interrupted):
+        steps.prepare(
+            second, plan_path=str(tmp_path / "results/tilefusion/plan.json"), record_path="r"
+        )
+    monkeypatch.undo()
+    assert (tmp_path / "fused.ome.zarr" / ".tilefusion-identity.json").exists()
+    run_pipeline(second, tmp_path)
+
+
+def test_the_same_output_written_another_way_shares_its_state(tmp_path, demo_copy, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    record = tmp_path / "inputs.json"
+    relative = load_config(_config(demo_copy, "results/fused.ome.zarr"))
+    steps.refresh_inputs_record(record, relative)
+    for same in ("./results/fused.ome.zarr", str(tmp_path / "results" / "fused.ome.zarr")):
+        steps.check_state_owner(record, load_config(_config(demo_copy, same)))
+    with pytest.raises(InputError, match="holds the workflow state of the output"):
+        steps.check_state_owner(record, load_config(_config(demo_copy, "other/fused.ome.zarr")))
+
+
+def test_the_default_timepoint_is_the_first_of_the_selected_setups(tmp_path):
+    data = np.full((8, 32, 32), 7, np.uint16)
+    zarr.save_array(str(tmp_path / "a.zarr"), data, zarr_format=2)
+    tiles = [
+        {
+            "path": "a.zarr",
+            "voxel_size": [1, 1, 1],
+            "shape": [8, 32, 32],
+            "setup": 0,
+            "timepoint": 0,
+        },
+        {
+            "path": "a.zarr",
+            "voxel_size": [1, 1, 1],
+            "shape": [8, 32, 32],
+            "setup": 1,
+            "timepoint": 1,
+        },
+    ]
+    manifest = tmp_path / "tiles.yaml"
+    manifest.write_text(yaml.safe_dump({"tiles": tiles}))
+    config = load_config({"dataset": str(manifest), "selection": {"setups": [1]}})
+    plan = steps.plan_from_config(config)
+    assert [(t.timepoint, t.setup) for t in plan.tiles] == [(1, 1)]

@@ -41,6 +41,7 @@ __all__ = [
     "prepare",
     "protected_paths",
     "refresh_inputs_record",
+    "repair_store",
     "run_logged",
     "state_name",
     "store_identity",
@@ -88,7 +89,7 @@ def check_state_owner(path: str | Path, config: Mapping[str, Any]) -> None:
     except (OSError, ValueError, AttributeError):
         return
     wanted = str(config["output"]["path"])
-    if recorded is not None and recorded != wanted:
+    if recorded is not None and Path(recorded).resolve() != Path(wanted).resolve():
         raise InputError(
             wanted,
             "output.path",
@@ -178,13 +179,16 @@ def load_dataset(config: Mapping[str, Any], *, metadata_only: bool = True) -> Da
     else:
         raise _missing_dataset(config)
     selection = dict(config.get("selection") or {})
-    # One timepoint and channel per run: default to the first of each.
+    # One timepoint and channel per run: default to the first of each among
+    # the views the rest of the selection names.
     if selection.get("timepoint") is None:
-        timepoints = sorted({v.timepoint for v in dataset.views})
+        candidates = dataset.select(**selection).views
+        timepoints = sorted({v.timepoint for v in candidates})
         selection["timepoint"] = timepoints[0] if timepoints else None
     if selection.get("channel") is None and selection.get("setups") is None:
+        candidates = dataset.select(**selection).views
         channels = sorted(
-            {v.attributes["channel"] for v in dataset.views if "channel" in v.attributes}
+            {v.attributes["channel"] for v in candidates if "channel" in v.attributes}
         )
         selection["channel"] = channels[0] if channels else None
     selected = dataset.select(**selection)
@@ -387,11 +391,14 @@ def refresh_inputs_record(
 
     if plan is None:
         plan = plan_from_config(config)
+    output = str(config["output"]["path"])
     record = {
         "dataset": str(config["dataset"]),
         "output": str(config["output"]["path"]),
         "fingerprint": inputs_fingerprint(
-            str(config["dataset"]), [tile.source for tile in plan.tiles]
+            str(config["dataset"]),
+            [tile.source for tile in plan.tiles],
+            exclude=[output, str(Path(output).with_name(f".{Path(output).name}.lock"))],
         ),
     }
     try:
@@ -424,6 +431,34 @@ def plan_and_prepare(
     return prepare(config, plan_path=plan_path, record_path=record_path)
 
 
+def repair_store(config: Mapping[str, Any], plan: Plan, *, levels: Sequence[int] = ()) -> None:
+    """Write again the output's damaged Zarr metadata (all of it, or only if ``levels`` need it).
+
+    Jobs call it before they write, so a store whose metadata was lost or
+    damaged is mended by the jobs that need it, without planning again (which
+    would make every job after the plan run again).
+    """
+    from tilefusion.writer import layout_problem
+
+    output = config["output"]
+    root = Path(output["path"])
+    if levels and not any(layout_problem(root / str(k)) for k in levels):
+        return
+    from tilefusion.store import format_from_name, repair_metadata
+
+    written = repair_metadata(
+        plan,
+        root,
+        ngff=format_from_name(output["format"]),
+        dtype=_output_dtype(config, plan),
+        codec=output["compression"]["codec"],
+        level=output["compression"]["level"],
+        identity=store_identity(config),
+    )
+    if written:
+        log.warning("%s: wrote damaged or missing metadata again: %s", root, ", ".join(written))
+
+
 def marker_path(markers_dir: str | Path, level: int, range_index: int) -> Path:
     """Where the marker of one job of one level lives."""
     return Path(markers_dir) / f"level{level}" / f"range{range_index}.json"
@@ -450,6 +485,7 @@ def fuse(
     if fusion["device"] == "cpu" or not nvidia_driver_present():
         warm_up_in_background()
     plan = read_plan(plan_path)
+    repair_store(config, plan, levels=[0])
     # A GPU no other job holds (released when the range is done), else the CPU.
     with claim_device(fusion["device"]) as device:
         log.info("range %d: device %s", range_index, device)
@@ -497,6 +533,7 @@ def downsample(
 
     config = load_config(config)
     plan = read_plan(plan_path)
+    repair_store(config, plan, levels=[level - 1, level])
     result = downsample_range(
         plan,
         level,
@@ -521,6 +558,7 @@ def assemble(
     config = load_config(config)
     plan = read_plan(plan_path)
     output = config["output"]
+    repair_store(config, plan)
     top = []
     for path in markers:
         try:
@@ -531,15 +569,7 @@ def assemble(
                 str(path), "marker", "missing or unreadable; rerun its job (--force this file)"
             ) from None
     level0 = merge_stats([stats for level, stats in top if level == 0 and stats])
-    try:
-        dtype = np.dtype(open_level(output["path"], 0, mode="r").dtype)
-    except Exception as exc:  # damaged Zarr metadata: the plan step writes it again
-        raise InputError(
-            f"{output['path']}/0",
-            "array metadata",
-            f"missing or unreadable ({exc.__class__.__name__}); rerun the plan step "
-            "(snakemake --forcerun plan)",
-        ) from None
+    dtype = np.dtype(open_level(output["path"], 0, mode="r").dtype)
     dtype_max = (
         float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else float(level0["max"])
     )
@@ -577,14 +607,13 @@ def validate(
     report_path: str,
     target: str = "",
     decode_all: bool = False,
-    store_record: str | None = None,
     assemble_record: str | None = None,
 ) -> dict[str, Any]:
     """Check the output against every marker and the NGFF metadata; write the report.
 
-    ``store_record`` and ``assemble_record`` are the outputs of the plan and
-    assemble steps, forced in the rerun command when the Zarr or the OME-NGFF
-    metadata is damaged.
+    ``assemble_record`` is the output of the assemble step, forced in the
+    rerun command when the Zarr or the OME-NGFF metadata is damaged (that step
+    mends both).
 
     Raises
     ------
@@ -609,10 +638,9 @@ def validate(
         markers=markers,
         decode_all=decode_all,
     )
+    # The assemble step mends damaged Zarr metadata and writes the NGFF metadata.
     also = []
-    if report["structure_damaged"] and store_record:
-        also.append(store_record)
-    elif report["metadata_problems"] and assemble_record:
+    if (report["structure_damaged"] or report["metadata_problems"]) and assemble_record:
         also.append(assemble_record)
     if report["bad_ranges"] or also:
         report["rerun"] = rerun_command(

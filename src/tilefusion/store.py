@@ -33,6 +33,7 @@ __all__ = [
     "open_level",
     "prepare_store",
     "read_owner",
+    "repair_metadata",
     "write_ngff_metadata",
 ]
 
@@ -268,7 +269,8 @@ def check_owner(
         raise _refuse(path, "is a file, not an OME-Zarr folder; choose another path")
     owner = read_owner(path)
     if owner is None:
-        if not any(path.iterdir()):
+        # Empty, or left holding only our identity's temporary file by a kill.
+        if all(p.name.startswith(f".{IDENTITY_FILE}.") for p in path.iterdir()):
             return "absent"
         advice = (
             "output.overwrite only replaces outputs tilefusion wrote; "
@@ -289,8 +291,12 @@ def check_owner(
 
 
 def _empty_folder(path: Path) -> None:
-    """Remove what is in ``path`` (a tilefusion output), keeping the folder (or link) itself."""
-    for child in path.iterdir():
+    """Remove what is in ``path`` (a tilefusion output), keeping the folder (or link) itself.
+
+    The identity record goes last, so an interrupted removal is still ours.
+    """
+    children = sorted(path.iterdir(), key=lambda child: child.name == IDENTITY_FILE)
+    for child in children:
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
@@ -364,10 +370,9 @@ def prepare_store(
     The identity record is written first, atomically, so a store whose
     creation was cut short (a kill, a full disk) is recognised as ours and
     completed by the next run. Each metadata document is then put in place
-    atomically. On resume, a document that is missing or unreadable (and an
-    array's that differs from the plan) is written again; stored pixels are
-    never touched. Anything tilefusion did not write is refused (see
-    :func:`check_owner`).
+    atomically. On resume, damaged metadata is written again (see
+    :func:`repair_metadata`); stored pixels are never touched. Anything
+    tilefusion did not write is refused (see :func:`check_owner`).
 
     Returns
     -------
@@ -381,27 +386,71 @@ def prepare_store(
         _empty_folder(path)
     path.mkdir(parents=True, exist_ok=True)
     owner = {"identity": identity, "plan_dataset": plan.dataset}
-    if state != "resume" or read_owner(path) != owner:
+    if state != "resume" or _parsed(path / IDENTITY_FILE) != owner:
         write_json_atomic(path / IDENTITY_FILE, owner)
     documents = _metadata_documents(
         plan, ngff=ngff, dtype=dtype, codec=codec, level=level, owner=owner
     )
-    repaired = False
-    for key, data in documents.items():
-        target = path / key
-        if state == "resume":
-            found = _parsed(target)
-            if not isinstance(found, dict):
-                found = {"unreadable": True}
-            # The root's attributes gain the NGFF metadata later: keep a readable root.
-            readable_root = _root_key(key) and found.get("zarr_format", 2) == ngff.zarr_format
-            if isinstance(found, dict) and (readable_root or found == json.loads(data)):
-                continue
-            repaired = True
-        write_bytes_atomic(target, data)
     if state == "resume":
-        return "repaired" if repaired else "resumed"
+        return "repaired" if _repair(path, documents, ngff) else "resumed"
+    for key, data in documents.items():
+        write_bytes_atomic(path / key, data)
     return "replaced" if state == "replace" else "created"
+
+
+def repair_metadata(
+    plan: Plan,
+    path: str | Path,
+    *,
+    ngff: NgffFormat,
+    dtype: str,
+    codec: str = "zstd",
+    level: int = 1,
+    identity: str,
+) -> list[str]:
+    """Write again every Zarr metadata document of an output that is missing or damaged.
+
+    Array documents must equal what the plan makes; the root group's must be
+    a readable group of the right Zarr format (its attributes hold the NGFF
+    metadata, which :func:`write_ngff_metadata` writes). Pixels are never
+    touched, and documents are written atomically, so jobs may call this at
+    once.
+
+    Returns
+    -------
+    list of str
+        The store keys written.
+    """
+    path = Path(path)
+    owner = {"identity": identity, "plan_dataset": plan.dataset}
+    if _parsed(path / IDENTITY_FILE) != owner:
+        write_json_atomic(path / IDENTITY_FILE, owner)
+    documents = _metadata_documents(
+        plan, ngff=ngff, dtype=dtype, codec=codec, level=level, owner=owner
+    )
+    return _repair(path, documents, ngff)
+
+
+def _usable(key: str, found: Any, expected: dict[str, Any], ngff: NgffFormat) -> bool:
+    if not isinstance(found, dict):
+        return False
+    name = key.rsplit("/", 1)[-1]
+    if not _root_key(key):
+        return bool(found == expected)
+    if name == ".zattrs":
+        return True  # any readable attributes
+    if found.get("zarr_format") != ngff.zarr_format:
+        return False
+    return name == ".zgroup" or found.get("node_type") == "group"
+
+
+def _repair(path: Path, documents: dict[str, bytes], ngff: NgffFormat) -> list[str]:
+    written = []
+    for key, data in documents.items():
+        if not _usable(key, _parsed(path / key), json.loads(data), ngff):
+            write_bytes_atomic(path / key, data)
+            written.append(key)
+    return written
 
 
 class OutputLock:
@@ -434,11 +483,17 @@ def lock_output(path: str | Path) -> OutputLock:
 
     path = Path(path)
     lock_path = path.with_name(f".{path.name}.lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    handle = lock_path.open("a+")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = lock_path.open("a+")
+    except OSError as exc:
+        raise _refuse(path, f"cannot make its lock {lock_path} ({exc.strerror or exc})") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError as exc:
+        if not isinstance(exc, BlockingIOError):
+            handle.close()
+            raise _refuse(path, f"cannot lock {lock_path} ({exc.strerror or exc})") from None
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
@@ -466,8 +521,8 @@ def open_level(path: str | Path, level: int, *, mode: str = "r+") -> zarr.Array:
         raise InputError(
             f"{path}/{level}",
             "array metadata",
-            f"missing or unreadable ({exc.__class__.__name__}); rerun the plan step "
-            "(snakemake --forcerun plan) to write it again",
+            f"missing or unreadable ({exc.__class__.__name__}); "
+            "snakemake --forcerun assemble writes it again",
         ) from None
 
 

@@ -31,6 +31,16 @@ __all__ = ["validate_output"]
 
 def _metadata_problems(store_path: Path, ngff: NgffFormat, plan: Plan) -> list[str]:
     try:
+        return _ngff_problems(store_path, ngff, plan)
+    except Exception as exc:  # metadata of an unexpected shape is a finding, not a crash
+        return [
+            f"{store_path}: OME-NGFF metadata malformed ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ]
+
+
+def _ngff_problems(store_path: Path, ngff: NgffFormat, plan: Plan) -> list[str]:
+    try:
         group = zarr.open_group(str(store_path), mode="r")
     except Exception as exc:  # any failure to open is a finding, not a crash
         return [f"{store_path}: cannot open the output group ({exc.__class__.__name__})"]
@@ -115,9 +125,24 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(marker, dict) or not isinstance(marker.get("objects"), dict):
         return None
-    if not all(isinstance(k, str) and "/" in k for k in marker["objects"]):
+    if not all(
+        isinstance(k, str) and "/" in k and (v is None or isinstance(v, str))
+        for k, v in marker["objects"].items()
+    ):
+        return None
+    stats = marker.get("stats", {})
+    number = (int, float)
+    if not isinstance(stats, dict) or (
+        stats and not all(isinstance(stats.get(k), number) for k in _STATS_KEYS)
+    ):
+        return None
+    absent = marker.get("absent_input_chunks", {})
+    if not isinstance(absent, dict) or not all(isinstance(v, int) for v in absent.values()):
         return None
     return marker
+
+
+_STATS_KEYS = ("voxels", "covered", "min", "max", "sum")
 
 
 def _digest(path: Path) -> str | None:

@@ -30,7 +30,14 @@ from numpy.typing import NDArray
 from tilefusion.errors import InputError
 from tilefusion.plan import Level, Shape3
 
-__all__ = ["LevelWriter", "UnsupportedLayout", "cast_into", "cast_to_dtype", "object_digest"]
+__all__ = [
+    "LevelWriter",
+    "UnsupportedLayout",
+    "cast_into",
+    "cast_to_dtype",
+    "layout_problem",
+    "object_digest",
+]
 
 _EMPTY = np.uint64(2**64 - 1)
 
@@ -124,8 +131,17 @@ def _read_layout(array_path: Path) -> _Layout:
     raise InputError(
         str(array_path),
         "array metadata",
-        f"{problem}; rerun the plan step (snakemake --forcerun plan) to write it again",
+        f"{problem}; rerun the job (tilefusion mends it), or snakemake --forcerun assemble",
     )
+
+
+def layout_problem(array_path: str | Path) -> str | None:
+    """Why an array's metadata cannot be written to (missing, unreadable), or None."""
+    try:
+        _read_layout(Path(array_path))
+    except InputError as exc:
+        return str(exc)
+    return None
 
 
 def _v3_layout(array_path: Path) -> _Layout:

@@ -28,7 +28,7 @@ try:
     PLAN = steps.plan_for_run(
         config,
         main_process=workflow.is_main_process,
-        protected=[str(f) for f in workflow.configfiles],
+        protected=[*map(str, workflow.configfiles), RESULTS, LOGS],
     )
     # Rewritten when a tile changed since the plan, so the plan reruns; a dry
     # run writes nothing (the inputs_record rule makes a missing one).
@@ -36,9 +36,6 @@ try:
         steps.check_state_owner(INPUTS_RECORD, config)
         # At parse time only the output settings know of -n.
         dry_run = workflow.output_settings.dryrun
-        if not dry_run:
-            # Held until Snakemake exits: no second run writes this output meanwhile.
-            OUTPUT_LOCK = lock_output(config["output"]["path"])
         changed = steps.refresh_inputs_record(
             INPUTS_RECORD, config, PLAN, write=not dry_run
         )
@@ -103,6 +100,17 @@ def get_fuse_gpus(wildcards):
     return 1 if str(config["fusion"]["device"]).startswith("cuda") else 0
 
 
+def take_output_lock():
+    # Only a run that executes jobs takes it (onstart): dry runs, --lint,
+    # --summary or --unlock do not. Held until Snakemake exits, so no second
+    # run (from another working directory) writes this output meanwhile.
+    global OUTPUT_LOCK
+    try:
+        OUTPUT_LOCK = lock_output(config["output"]["path"])
+    except InputError as error:
+        sys.exit(f"tilefusion: error: {error}")
+
+
 def cancel_rate_limiter_timers():
     # Snakemake's job rate limiter re-arms a non-daemon threading.Timer (1 s by
     # default) on every scheduling round; the interpreter waits for the last one
@@ -116,6 +124,10 @@ def cancel_rate_limiter_timers():
             function, "__module__", ""
         ).startswith("snakemake.scheduling"):
             thread.cancel()
+
+
+onstart:
+    take_output_lock()
 
 
 onsuccess:

@@ -7,6 +7,5 @@ run_logged(
     plan_path=snakemake.input.plan,
     markers_dir=snakemake.params.markers_dir,
     report_path=snakemake.output.report,
-    store_record=snakemake.input.store,
     assemble_record=snakemake.input.assembled,
 )

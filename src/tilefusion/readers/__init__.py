@@ -98,40 +98,59 @@ def _stat_entry(path: str) -> list[object]:
     return [path, info.st_size, info.st_mtime_ns]
 
 
-def _container_state(source: ArraySource) -> list[object]:
-    """Size and modification time of a container and of what its top folders hold.
+_METADATA_NAMES = {".zarray", ".zattrs", ".zgroup", "zarr.json", "attributes.json"}
+
+
+def _is_chunk_folder(name: str) -> bool:
+    # Zarr v2 "0", v3 "c", N5 block folders: below them only chunks.
+    return name.isdigit() or name == "c"
+
+
+def _container_state(source: ArraySource, exclude: frozenset[str]) -> list[object]:
+    """Size and modification time of a container and of its metadata documents.
 
     A file (TIFF, HDF5) changes its size or time with any edit. A folder
-    (Zarr, N5) is summarised by its own entries and those of the array's
-    folder, which change when metadata or a top-level object is rewritten; a
-    chunk rewritten in place deeper down is not seen (see config/README.md).
+    (Zarr, N5) is summarised by its own entries and the metadata documents
+    of its groups and arrays (up to four folders deep, not inside chunk
+    folders), which change when an array is rewritten or its metadata
+    edited; a chunk rewritten in place is not seen (see README.md).
     """
     state: list[object] = [_stat_entry(source.path)]
-    folders = [source.path]
-    if source.key and os.path.isdir(source.path):
-        folders.append(os.path.join(source.path, source.key))
-    for folder in folders:
+    folders = [(source.path, 0)]
+    while folders:
+        folder, depth = folders.pop()
         try:
-            with os.scandir(folder) as entries:
-                names = sorted(e.name for e in entries)
+            with os.scandir(folder) as scan:
+                entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in scan)
         except OSError:  # a file, or gone: its own stat says so
             continue
-        state.extend(_stat_entry(os.path.join(folder, name)) for name in names)
+        for name, is_dir in entries:
+            path = os.path.join(folder, name)
+            if os.path.abspath(path) in exclude:
+                continue
+            if depth == 0 or name in _METADATA_NAMES:
+                state.append(_stat_entry(path))
+            if is_dir and depth < 4 and not (depth > 0 and _is_chunk_folder(name)):
+                folders.append((path, depth + 1))
     return state
 
 
-def inputs_fingerprint(dataset_path: str, sources: Iterable[ArraySource]) -> str:
+def inputs_fingerprint(
+    dataset_path: str, sources: Iterable[ArraySource], *, exclude: Iterable[str] = ()
+) -> str:
     """A short digest of the dataset file and every tile container's size and time.
 
     Changes when a tile is rewritten, so a run made before is not taken as
-    current; reads no pixels.
+    current; reads no pixels. Paths in ``exclude`` (the output, should it lie
+    inside a container) are left out.
     """
+    skip = frozenset(os.path.abspath(p) for p in exclude)
     state: list[object] = [_stat_entry(str(dataset_path))]
-    seen: set[tuple[str, str]] = set()
+    seen: set[str] = set()
     for source in sources:
-        if "://" in source.path or (source.path, source.key) in seen:
+        if "://" in source.path or source.path in seen:
             continue
-        seen.add((source.path, source.key))
-        state.append(_container_state(source))
+        seen.add(source.path)
+        state.append(_container_state(source, skip))
     text = json.dumps(state, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
