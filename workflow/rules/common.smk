@@ -5,7 +5,6 @@ from tilefusion import steps
 from tilefusion.config import load_config
 from tilefusion.errors import InputError
 from tilefusion.plan import source_ranges
-from tilefusion.store import lock_output
 
 # Users' mistakes stop the run here, before any job, with one line naming the
 # file and field; the plan is made from metadata only, so every fuse job is in
@@ -104,6 +103,8 @@ def take_output_lock():
     # Only a run that executes jobs takes it (onstart): dry runs, --lint,
     # --summary or --unlock do not. Held until Snakemake exits, so no second
     # run (from another working directory) writes this output meanwhile.
+    from tilefusion.store import lock_output  # zarr: not imported by every job's parse
+
     global OUTPUT_LOCK
     try:
         OUTPUT_LOCK = lock_output(config["output"]["path"])
