@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from tilefusion import steps
 from tilefusion.config import load_config
@@ -53,3 +57,31 @@ def run_pipeline(raw_config: dict[str, Any], workdir: Path, *, order: str = "for
         report_path=str(results / "qc_report.json"),
     )
     return plan
+
+
+SNAKEFILE = Path(__file__).resolve().parents[1] / "Snakefile"
+
+
+def stored_bytes(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (links not followed) with its SHA-256."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def snakemake_run(workdir: Path, config: dict[str, Any], *args: str) -> subprocess.CompletedProcess:
+    """The workflow on one core in ``workdir``, with ``config`` as ``workdir/my.yaml``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    configfile = workdir / "my.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    return subprocess.run(
+        [
+            *("snakemake", "-s", str(SNAKEFILE), "-d", str(workdir)),
+            *("--configfile", str(configfile), "--cores", "1", *args),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 import zarr
-from pipeline import run_pipeline
+from pipeline import run_pipeline, snakemake_run, stored_bytes
 
 from tilefusion.demo import write_demo
 
@@ -25,14 +24,6 @@ SNAKEFILE = ROOT / "Snakefile"
 needs_snakemake = pytest.mark.skipif(
     shutil.which("snakemake") is None, reason="snakemake not installed"
 )
-
-
-def _tree(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _config(dataset: Path, output: Path) -> dict:
@@ -46,22 +37,6 @@ def _config(dataset: Path, output: Path) -> dict:
         },
         "fusion": {"chunks_per_range": 64},
     }
-
-
-def _snakemake(workdir: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
-    configfile = workdir / "my.yaml"
-    workdir.mkdir(parents=True, exist_ok=True)
-    configfile.write_text(yaml.safe_dump(config))
-    return subprocess.run(
-        [
-            "snakemake",
-            *("-s", str(SNAKEFILE), "-d", str(workdir), "--configfile", str(configfile)),
-            *("--cores", "1", *args),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
 
 
 @pytest.fixture
@@ -92,12 +67,14 @@ def test_a_full_disk_ends_in_one_line_and_the_rerun_gives_the_clean_bytes(
 ):
     mount_point, grow = small_disk
     output = mount_point / "fused.ome.zarr"
-    clean = _snakemake(tmp_path / "clean", _config(demo_xml, tmp_path / "clean" / "fused.ome.zarr"))
+    clean = snakemake_run(
+        tmp_path / "clean", _config(demo_xml, tmp_path / "clean" / "fused.ome.zarr")
+    )
     assert clean.returncode == 0, clean.stderr[-3000:]
-    clean_bytes = _tree(tmp_path / "clean" / "fused.ome.zarr")
+    clean_bytes = stored_bytes(tmp_path / "clean" / "fused.ome.zarr")
 
     workdir = tmp_path / "run"
-    full = _snakemake(workdir, _config(demo_xml, output))
+    full = snakemake_run(workdir, _config(demo_xml, output))
     assert full.returncode != 0
     logs = "".join(p.read_text() for p in (workdir / "logs").rglob("*.log"))
     errors = [line for line in logs.splitlines() if "tilefusion: error:" in line]
@@ -106,9 +83,9 @@ def test_a_full_disk_ends_in_one_line_and_the_rerun_gives_the_clean_bytes(
     assert not (workdir / "results/tilefusion/fused/qc_report.json").exists()
 
     grow()
-    rerun = _snakemake(workdir, _config(demo_xml, output), "--rerun-incomplete")
+    rerun = snakemake_run(workdir, _config(demo_xml, output), "--rerun-incomplete")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert _tree(output) == clean_bytes
+    assert stored_bytes(output) == clean_bytes
 
 
 def _manifest(folder: Path, data: np.ndarray) -> Path:
@@ -152,9 +129,9 @@ def test_absent_tile_chunks_are_reported_in_the_qc_report(tmp_path):
 @pytest.mark.parametrize("stage", ["plan", "downsample", "assemble", "validate"])
 def test_a_run_killed_in_any_stage_resumes_to_the_clean_bytes(tmp_path, demo_xml, stage):
     clean_dir = tmp_path / "clean"
-    clean = _snakemake(clean_dir, _config(demo_xml, clean_dir / "fused.ome.zarr"))
+    clean = snakemake_run(clean_dir, _config(demo_xml, clean_dir / "fused.ome.zarr"))
     assert clean.returncode == 0, clean.stderr[-3000:]
-    clean_bytes = _tree(clean_dir / "fused.ome.zarr")
+    clean_bytes = stored_bytes(clean_dir / "fused.ome.zarr")
 
     workdir = tmp_path / "run"
     workdir.mkdir()
@@ -184,8 +161,8 @@ def test_a_run_killed_in_any_stage_resumes_to_the_clean_bytes(tmp_path, demo_xml
     report = workdir / "results/tilefusion/fused/qc_report.json"
     assert not report.exists() or stage == "validate"
 
-    assert _snakemake(workdir, config, "--unlock").returncode == 0
-    rerun = _snakemake(workdir, config, "--rerun-incomplete")
+    assert snakemake_run(workdir, config, "--unlock").returncode == 0
+    rerun = snakemake_run(workdir, config, "--rerun-incomplete")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads(report.read_text())["ok"]
-    assert _tree(workdir / "fused.ome.zarr") == clean_bytes
+    assert stored_bytes(workdir / "fused.ome.zarr") == clean_bytes

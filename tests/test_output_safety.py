@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 import zarr
-from pipeline import run_pipeline
+from pipeline import run_pipeline, snakemake_run, stored_bytes
 
 from tilefusion import atomic, steps
 from tilefusion.config import load_config
@@ -31,15 +30,6 @@ needs_snakemake = pytest.mark.skipif(
 )
 
 
-def _tree(root: Path) -> dict[str, str]:
-    """Every file under ``root`` (links not followed) with its SHA-256."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and not p.is_symlink()
-    }
-
-
 def _config(dataset: Path, output: str | Path, **output_keys) -> dict:
     return {
         "dataset": str(dataset),
@@ -52,28 +42,6 @@ def _config(dataset: Path, output: str | Path, **output_keys) -> dict:
         },
         "fusion": {"chunks_per_range": 64},
     }
-
-
-def _snakemake(workdir: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
-    configfile = workdir / "my.yaml"
-    configfile.write_text(yaml.safe_dump(config))
-    return subprocess.run(
-        [
-            "snakemake",
-            "-s",
-            str(SNAKEFILE),
-            "-d",
-            str(workdir),
-            "--configfile",
-            str(configfile),
-            "--cores",
-            "1",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
 
 
 def _error_line(result: subprocess.CompletedProcess) -> str:
@@ -94,9 +62,9 @@ def demo_copy(tmp_path) -> Path:
 def clean_bytes(tmp_path_factory, demo_xml) -> dict[str, str]:
     """An uninterrupted workflow run's stored bytes (the session's demo dataset)."""
     workdir = tmp_path_factory.mktemp("clean")
-    result = _snakemake(workdir, _config(demo_xml, "fused.ome.zarr"))
+    result = snakemake_run(workdir, _config(demo_xml, "fused.ome.zarr"))
     assert result.returncode == 0, result.stderr[-3000:]
-    return _tree(workdir / "fused.ome.zarr")
+    return stored_bytes(workdir / "fused.ome.zarr")
 
 
 # --- overwrite removes only what tilefusion wrote -----------------------------
@@ -114,8 +82,8 @@ def test_overwrite_never_removes_what_is_not_ours(tmp_path, demo_copy, where):
         "results": "results",
         "above": tmp_path.parent,
     }[where]
-    before = _tree(tmp_path)
-    result = _snakemake(tmp_path, _config(demo_copy, output, overwrite=True))
+    before = stored_bytes(tmp_path)
+    result = snakemake_run(tmp_path, _config(demo_copy, output, overwrite=True))
     assert result.returncode != 0
     line = _error_line(result)
     assert "output.path" in line
@@ -124,7 +92,7 @@ def test_overwrite_never_removes_what_is_not_ours(tmp_path, demo_copy, where):
     def ours(key: str) -> bool:  # Snakemake's own log and our config file
         return key == "my.yaml" or key.startswith(".snakemake/")
 
-    after = _tree(tmp_path)
+    after = stored_bytes(tmp_path)
     assert {k: v for k, v in after.items() if not ours(k)} == {
         k: v for k, v in before.items() if not ours(k)
     }
@@ -244,9 +212,9 @@ def test_a_plan_step_cut_short_resumes_to_the_clean_bytes(
     assert (tmp_path / "fused.ome.zarr" / ".tilefusion-identity.json").exists()
     assert not (tmp_path / "fused.ome.zarr" / "0" / "zarr.json").exists()
 
-    result = _snakemake(tmp_path, config)
+    result = snakemake_run(tmp_path, config)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert _tree(tmp_path / "fused.ome.zarr") == clean_bytes
+    assert stored_bytes(tmp_path / "fused.ome.zarr") == clean_bytes
 
 
 # --- damaged metadata is named, and the printed command restores it --------------
@@ -256,7 +224,7 @@ def test_a_plan_step_cut_short_resumes_to_the_clean_bytes(
 @pytest.mark.parametrize("damage", ["arrays, an object and a marker", "root and level 1"])
 def test_damaged_metadata_is_named_and_repaired(tmp_path, demo_xml, clean_bytes, damage):
     config = _config(demo_xml, "fused.ome.zarr")
-    assert _snakemake(tmp_path, config).returncode == 0
+    assert snakemake_run(tmp_path, config).returncode == 0
     store = tmp_path / "fused.ome.zarr"
     markers = tmp_path / "results/tilefusion/fused/markers"
     if damage == "arrays, an object and a marker":
@@ -276,7 +244,7 @@ def test_damaged_metadata_is_named_and_repaired(tmp_path, demo_xml, clean_bytes,
             path.write_bytes(path.read_bytes()[:20])
         expected = ["output group metadata", "level 1 array metadata"]
 
-    result = _snakemake(tmp_path, config, "--forcerun", "validate")
+    result = snakemake_run(tmp_path, config, "--forcerun", "validate")
     assert result.returncode != 0
     log = (tmp_path / "logs/tilefusion/fused/validate.log").read_text()
     assert "Traceback" not in log
@@ -300,7 +268,7 @@ def test_damaged_metadata_is_named_and_repaired(tmp_path, demo_xml, clean_bytes,
         timeout=900,
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert _tree(store) == clean_bytes
+    assert stored_bytes(store) == clean_bytes
 
 
 # --- empty, stale, silently converted ----------------------------------------------
@@ -350,20 +318,20 @@ def test_tiles_of_different_types_are_refused(tmp_path):
 @needs_snakemake
 def test_a_changed_tile_is_fused_again(tmp_path, demo_copy):
     config = _config(demo_copy, "fused.ome.zarr")
-    assert _snakemake(tmp_path, config).returncode == 0
-    again = _snakemake(tmp_path, config, "-n")
+    assert snakemake_run(tmp_path, config).returncode == 0
+    again = snakemake_run(tmp_path, config, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
     tile = zarr.open_array(str(demo_copy.parent / "tile0.zarr" / "0"), mode="r+")
     tile[:] = np.asarray(tile[:]) // 2
     # A dry run says so and writes nothing; the real run fuses again.
-    stale = _snakemake(tmp_path, config, "-n")
+    stale = snakemake_run(tmp_path, config, "-n")
     assert "tiles changed since they were planned" in stale.stderr
-    before = _tree(tmp_path / "fused.ome.zarr")
-    result = _snakemake(tmp_path, config)
+    before = stored_bytes(tmp_path / "fused.ome.zarr")
+    result = snakemake_run(tmp_path, config)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rule fuse" in result.stderr or "localrule fuse" in result.stderr
-    assert _tree(tmp_path / "fused.ome.zarr") != before
-    done = _snakemake(tmp_path, config, "-n")
+    assert stored_bytes(tmp_path / "fused.ome.zarr") != before
+    done = snakemake_run(tmp_path, config, "-n")
     assert "Nothing to be done" in done.stdout + done.stderr
 
 
@@ -400,22 +368,22 @@ def test_zstd_keeps_its_high_levels():
 @needs_snakemake
 def test_damaged_zarr_v2_root_is_mended_without_fusing_again(tmp_path, demo_xml):
     config = _config(demo_xml, "fused.ome.zarr", format="ome-zarr-0.4", shards=None)
-    assert _snakemake(tmp_path, config).returncode == 0
+    assert snakemake_run(tmp_path, config).returncode == 0
     store = tmp_path / "fused.ome.zarr"
-    clean = _tree(store)
+    clean = stored_bytes(store)
     (store / ".zgroup").unlink()
     (store / ".zattrs").write_text("{bad")
-    result = _snakemake(tmp_path, config, "--forcerun", "validate")
+    result = snakemake_run(tmp_path, config, "--forcerun", "validate")
     assert result.returncode != 0
     log = (tmp_path / "logs/tilefusion/fused/validate.log").read_text()
     assert "output group metadata missing or unreadable" in log and "Traceback" not in log
     args = shlex.split(re.search(r"rerun with: (snakemake .*)", log).group(1))
     assert any(a.endswith("assemble.json") for a in args)
-    rerun = _snakemake(tmp_path, config, *args[1:], "-n", "--quiet", "rules")
+    rerun = snakemake_run(tmp_path, config, *args[1:], "-n", "--quiet", "rules")
     # Only metadata work: no fuse or downsample job runs again.
     assert not re.search(r"^(fuse|downsample)\s", rerun.stdout, flags=re.M), rerun.stdout
-    assert _snakemake(tmp_path, config, *args[1:]).returncode == 0
-    assert _tree(store) == clean
+    assert snakemake_run(tmp_path, config, *args[1:]).returncode == 0
+    assert stored_bytes(store) == clean
 
 
 def test_an_interrupted_replace_is_still_ours(tmp_path, demo_copy, monkeypatch):

@@ -79,6 +79,14 @@ class DeviceClaim:
         return f"DeviceClaim({self.device!r}, identity={self.identity!r}, held={self.held})"
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, so a SLURM job's own share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def default_lock_dir() -> Path:
     """The lock folder: ``$TILEFUSION_GPU_LOCK_DIR``, else one per user in the temp dir."""
     configured = os.environ.get(LOCK_DIR_ENV)

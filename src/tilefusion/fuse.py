@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 
 from tilefusion import geometry
 from tilefusion.blend import tile_blend_params
+from tilefusion.devices import usable_cpus
 from tilefusion.kernel import TileCrop, fuse_block
 from tilefusion.plan import (
     Plan,
@@ -255,10 +256,7 @@ def _workers(options: FusionOptions) -> int:
     """Shards fused at once: one per CPU this process may use (or ``threads``)."""
     if options.threads is not None:
         return max(1, int(options.threads))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+    return usable_cpus()
 
 
 def _fuse_shard(

@@ -10,7 +10,6 @@ the sample. Each job reads only the part of level ``k - 1`` under its shards.
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from tilefusion.devices import usable_cpus
 from tilefusion.plan import Plan, range_shards, shard_box
 from tilefusion.readers import ArraySource, open_array
 from tilefusion.stats import block_stats, merge_stats
@@ -83,7 +83,7 @@ def downsample_range(
         return writer.write(shard, stored), block_stats(stored)
 
     shards = range_shards(level, range_index)
-    workers = max(1, min(len(shards), threads or _cpus()))
+    workers = max(1, min(len(shards), threads or usable_cpus()))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(one, shards))
     objects: dict[str, str | None] = {}
@@ -96,10 +96,3 @@ def downsample_range(
         "stats": merge_stats([stats for _, stats in results]),
         "threads": workers,
     }
-
-
-def _cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)

@@ -385,17 +385,27 @@ def prepare_store(
     if state == "replace":
         _empty_folder(path)
     path.mkdir(parents=True, exist_ok=True)
-    owner = {"identity": identity, "plan_dataset": plan.dataset}
-    if state != "resume" or _parsed(path / IDENTITY_FILE) != owner:
-        write_json_atomic(path / IDENTITY_FILE, owner)
-    documents = _metadata_documents(
-        plan, ngff=ngff, dtype=dtype, codec=codec, level=level, owner=owner
-    )
     if state == "resume":
-        return "repaired" if _repair(path, documents, ngff) else "resumed"
+        repaired = repair_metadata(
+            plan, path, ngff=ngff, dtype=dtype, codec=codec, level=level, identity=identity
+        )
+        return "repaired" if repaired else "resumed"
+    documents = _identity_and_documents(
+        plan, path, ngff=ngff, dtype=dtype, codec=codec, level=level, identity=identity
+    )
     for key, data in documents.items():
         write_bytes_atomic(path / key, data)
     return "replaced" if state == "replace" else "created"
+
+
+def _identity_and_documents(
+    plan: Plan, path: Path, *, ngff: NgffFormat, dtype: str, codec: str, level: int, identity: str
+) -> dict[str, bytes]:
+    """Put the identity record in place (first, when it is not), then make the metadata."""
+    owner = {"identity": identity, "plan_dataset": plan.dataset}
+    if _parsed(path / IDENTITY_FILE) != owner:
+        write_json_atomic(path / IDENTITY_FILE, owner)
+    return _metadata_documents(plan, ngff=ngff, dtype=dtype, codec=codec, level=level, owner=owner)
 
 
 def repair_metadata(
@@ -422,11 +432,8 @@ def repair_metadata(
         The store keys written.
     """
     path = Path(path)
-    owner = {"identity": identity, "plan_dataset": plan.dataset}
-    if _parsed(path / IDENTITY_FILE) != owner:
-        write_json_atomic(path / IDENTITY_FILE, owner)
-    documents = _metadata_documents(
-        plan, ngff=ngff, dtype=dtype, codec=codec, level=level, owner=owner
+    documents = _identity_and_documents(
+        plan, path, ngff=ngff, dtype=dtype, codec=codec, level=level, identity=identity
     )
     return _repair(path, documents, ngff)
 

@@ -12,7 +12,6 @@ Problems name the ranges whose jobs must be rerun.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from tilefusion.devices import usable_cpus
 from tilefusion.plan import Plan
 from tilefusion.stats import merge_stats
 from tilefusion.store import NgffFormat
@@ -95,16 +95,15 @@ def _schema_problems(store_path: Path, ngff: NgffFormat) -> list[str]:
     return []
 
 
-def _array_problem(store_path: Path, level_index: int) -> str | None:
-    """Why a level's array metadata cannot be used, or None when it can."""
+def _open_level_array(store_path: Path, level_index: int) -> zarr.Array | str:
+    """A level's array, or why its metadata cannot be used."""
     try:
-        zarr.open_array(str(store_path / str(level_index)), mode="r")
+        return zarr.open_array(str(store_path / str(level_index)), mode="r")
     except Exception as exc:  # missing or damaged metadata is a finding, not a crash
         return (
             f"{store_path / str(level_index)}: level {level_index} array metadata "
             f"missing or unreadable ({exc.__class__.__name__})"
         )
-    return None
 
 
 def _group_problem(store_path: Path) -> str | None:
@@ -166,13 +165,6 @@ def _decodes(array: zarr.Array, key: str) -> bool:
     return True
 
 
-def _cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def validate_output(
     plan: Plan,
     *,
@@ -222,15 +214,15 @@ def validate_output(
     structure = [p for p in [_group_problem(store_path)] if p]
     arrays: dict[int, zarr.Array] = {}
     for k in range(len(plan.levels)):
-        problem = _array_problem(store_path, k)
-        if problem:
-            structure.append(problem)
+        opened = _open_level_array(store_path, k)
+        if isinstance(opened, str):
+            structure.append(opened)
         else:
-            arrays[k] = zarr.open_array(str(store_path / str(k)), mode="r")
+            arrays[k] = opened
     keys = [key for marker in loaded.values() for key in marker["objects"]]
     # Hashing dominates validation and releases the GIL: one thread per CPU,
     # while the metadata check (mostly importing its models) runs beside it.
-    with ThreadPoolExecutor(max_workers=_cpus()) as pool:
+    with ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
         metadata = None if structure else pool.submit(_metadata_problems, store_path, ngff, plan)
         digests = dict(zip(keys, pool.map(lambda k: _digest(store_path / k), keys)))
         metadata_problems = metadata.result() if metadata else []
