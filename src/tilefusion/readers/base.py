@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from numpy.typing import NDArray
+
+if TYPE_CHECKING:
+    from tilefusion.transforms import Transform
 
 __all__ = ["ArraySource", "Dataset", "View"]
 
@@ -66,6 +69,11 @@ class View:
         Diagonal of the chain's ``calibration`` transform, when it has one.
     dtype : str or None
         Pixel type the metadata declares, when it declares one.
+    transform : Transform or None
+        The registration as read: its chain of transform objects
+        (:mod:`tilefusion.transforms`), BigStitcher order. ``model`` is its
+        matrix where the chain is affine, else its affine part (flows taken
+        as the identity). None: ``model`` is the whole registration.
     """
 
     setup: int
@@ -77,6 +85,7 @@ class View:
     attributes: Mapping[str, int] = field(default_factory=dict)
     calibration_zyx: tuple[float, float, float] | None = None
     dtype: str | None = None
+    transform: Transform | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:

@@ -48,8 +48,10 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from tilefusion.errors import InputError
-from tilefusion.geometry import affine_from_bdv, affine_to_bdv, check_affine, compose
+from tilefusion.geometry import affine_to_bdv, check_affine, compose
 from tilefusion.readers.base import ArraySource, Dataset, View
+from tilefusion.transforms import ParseContext, chain_calibration, parse_chain
+from tilefusion.transforms import Sequence as Sequence_
 
 __all__ = [
     "BdvViewSpec",
@@ -207,7 +209,7 @@ def read_bdv_xml(path: str | os.PathLike[str]) -> Dataset:
                     f"ViewRegistration {where}",
                     "missing: the view is not registered (add it or list it in <MissingViews>)",
                 )
-            model, calibration = reg
+            model, calibration, chain = reg
             views.append(
                 View(
                     setup=sid,
@@ -218,6 +220,7 @@ def read_bdv_xml(path: str | os.PathLike[str]) -> Dataset:
                     source=locate(sid, tp),
                     attributes=dict(setup.attributes),
                     calibration_zyx=calibration,
+                    transform=chain,
                 )
             )
     if not views:
@@ -342,7 +345,7 @@ def _parse_missing(seq: ET.Element, src: str) -> set[tuple[int, int]]:
     }
 
 
-_Registration = tuple[NDArray[np.float64], tuple[float, float, float] | None]
+_Registration = tuple[NDArray[np.float64], tuple[float, float, float] | None, Sequence_]
 
 
 def _parse_registrations(root: ET.Element, src: str) -> dict[tuple[int, int], _Registration]:
@@ -353,8 +356,7 @@ def _parse_registrations(root: ET.Element, src: str) -> dict[tuple[int, int], _R
         where = f"ViewRegistration timepoint={tp} setup={sid}"
         if (tp, sid) in out:
             raise InputError(src, where, "listed twice")
-        chain: list[NDArray[np.float64]] = []
-        calibration: tuple[float, float, float] | None = None
+        items: list[dict[str, object]] = []
         for k, vt in enumerate(reg.findall("ViewTransform")):
             name = _text(vt.find("Name"))
             field = f"{where} ViewTransform {k} ({name or 'unnamed'})"
@@ -362,22 +364,16 @@ def _parse_registrations(root: ET.Element, src: str) -> dict[tuple[int, int], _R
                 raise InputError(
                     src, field, f"type {vt.get('type')!r} is not supported (only 'affine')"
                 )
-            affine = affine_from_bdv(_floats(_text(vt.find("affine")), 12, src=src, field=field))
-            chain.append(affine)
-            if name.lower() == "calibration" and _is_diagonal(affine):
-                calibration = (float(affine[0, 0]), float(affine[1, 1]), float(affine[2, 2]))
-        model = check_affine(compose(*chain), source=src, field=where)
-        out[(tp, sid)] = (model, calibration)
+            numbers = _floats(_text(vt.find("affine")), 12, src=src, field=field)
+            items.append({"affine": numbers, "name": name})
+        # The same parser as tile manifests: each <ViewTransform> is an affine item.
+        chain = parse_chain(items, ParseContext(src, f"{where} ViewTransform"))
+        calibration = chain_calibration(chain)
+        matrix = chain.as_affine()
+        assert matrix is not None  # XML chains hold affines only
+        model = check_affine(matrix, source=src, field=where)
+        out[(tp, sid)] = (model, calibration, chain)
     return out
-
-
-def _is_diagonal(affine: NDArray[np.float64]) -> bool:
-    linear = affine[:3, :3]
-    return bool(
-        np.all(linear == np.diag(np.diag(linear)))
-        and np.all(affine[:3, 3] == 0)
-        and np.all(np.diag(linear) > 0)
-    )
 
 
 def _join(base: str, *parts: str) -> str:

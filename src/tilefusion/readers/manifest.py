@@ -50,12 +50,12 @@ from pathlib import Path
 from typing import Any, cast, get_args
 
 import numpy as np
-from numpy.typing import NDArray
 
 from tilefusion.errors import InputError
-from tilefusion.geometry import affine_from_bdv, check_affine, compose, scale, translation
+from tilefusion.geometry import check_affine
 from tilefusion.readers.base import ArrayFormat, ArraySource, Dataset, View
 from tilefusion.readers.bdv_xml import normalize_unit
+from tilefusion.transforms import ParseContext, chain_calibration, parse_chain
 from tilefusion.yaml_safe import load_yaml
 
 __all__ = ["read_tile_manifest"]
@@ -76,7 +76,6 @@ _TILE_KEYS = {
     "transforms",
 }
 _ATTRIBUTES = ("channel", "illumination", "tile", "angle")
-_TRANSFORM_KINDS = ("affine", "affine_zyx", "translation", "scale")
 _SUFFIX_FORMATS: dict[str, ArrayFormat] = {
     ".zarr": "zarr",
     ".n5": "n5",
@@ -152,23 +151,13 @@ def _view(tile: Any, k: int, folder: Path, src: str) -> View:
         raise InputError(src, f"{where}.path", "missing")
     source = _source(tile, folder, src=src, where=where)
     voxel = _triple(tile.get("voxel_size"), src=src, field=f"{where}.voxel_size", positive=True)
-    chain: list[NDArray[np.float64]] = []
-    calibration: tuple[float, float, float] | None = None
     transforms = tile.get("transforms", [])
-    if not isinstance(transforms, list):
-        raise InputError(src, f"{where}.transforms", "must be a list")
-    for j, entry in enumerate(transforms):
-        field = f"{where}.transforms[{j}]"
-        affine, name = _transform(entry, src=src, field=field)
-        chain.append(affine)
-        linear = affine[:3, :3]
-        if (
-            name.lower() == "calibration"
-            and np.all(linear == np.diag(np.diag(linear)))
-            and np.all(affine[:3, 3] == 0)
-        ):
-            calibration = (float(linear[0, 0]), float(linear[1, 1]), float(linear[2, 2]))
-    model = check_affine(compose(*chain), source=src, field=f"{where}.transforms")
+    chain = parse_chain(transforms, ParseContext(src, f"{where}.transforms", folder))
+    calibration = chain_calibration(chain)
+    matrix = chain.as_affine()
+    model = check_affine(
+        chain.affine_part() if matrix is None else matrix, source=src, field=f"{where}.transforms"
+    )
     dtype = tile.get("dtype")
     if dtype is not None:
         try:
@@ -195,6 +184,7 @@ def _view(tile: Any, k: int, folder: Path, src: str) -> View:
         attributes=attributes,
         calibration_zyx=calibration,
         dtype=dtype,
+        transform=chain,
     )
 
 
@@ -229,36 +219,6 @@ def _guess_format(location: str) -> ArrayFormat | None:
     if (path / "attributes.json").exists():
         return "n5"
     return None
-
-
-def _transform(entry: Any, *, src: str, field: str) -> tuple[NDArray[np.float64], str]:
-    if not isinstance(entry, dict):
-        raise InputError(src, field, f"a transform is a mapping with one of {_TRANSFORM_KINDS}")
-    kinds = [k for k in _TRANSFORM_KINDS if k in entry]
-    extra = set(entry) - set(_TRANSFORM_KINDS) - {"name"}
-    if len(kinds) != 1 or extra:
-        raise InputError(
-            src, field, f"needs exactly one of {_TRANSFORM_KINDS} (and optional 'name')"
-        )
-    kind = kinds[0]
-    value = entry[kind]
-    name = str(entry.get("name", "") or "")
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise InputError(src, f"{field}.{kind}", f"not numbers: {value!r}") from None
-    if kind == "affine":
-        if arr.shape != (12,):
-            raise InputError(src, f"{field}.affine", "needs 12 numbers (row-major 3x4, xyz)")
-        return affine_from_bdv(arr.tolist()), name
-    if kind == "affine_zyx":
-        if arr.shape == (3, 4):
-            arr = np.vstack([arr, [0.0, 0.0, 0.0, 1.0]])
-        if arr.shape != (4, 4):
-            raise InputError(src, f"{field}.affine_zyx", "needs a 3x4 or 4x4 nested list")
-        return check_affine(arr, source=src, field=f"{field}.affine_zyx"), name
-    vec = _triple(value, src=src, field=f"{field}.{kind}", positive=False)
-    return (translation(vec) if kind == "translation" else scale(vec)), name
 
 
 def _triple(value: Any, *, src: str, field: str, positive: bool) -> tuple[float, float, float]:
