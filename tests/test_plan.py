@@ -405,3 +405,81 @@ def test_a_huge_grid_is_planned_in_small_memory():
     assert level.n_ranges == math.ceil(math.prod(level.shape_zyx) / (1024 * 64 * 128 * 128))
     assert last[1] == plans[-1].grid.n_shards and middle
     assert len(plans[0].levels) == 16
+
+
+def _bigstitcher_maximal_box(xml: Path) -> tuple[list[int], list[int]]:
+    """BoundingBoxMaximal, computed from the XML text alone (xyz, as BigStitcher does).
+
+    Per view the model is T0 T1 ... Tn in XML order; the corners 0 and size-1
+    go through it; the box is floor of the smallest and ceil of the largest.
+    Returned as zyx lo and hi (inclusive).
+    """
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(xml).getroot()
+    sizes = {
+        int(s.findtext("id") or 0): [int(v) for v in (s.findtext("size") or "").split()]
+        for s in root.iterfind("SequenceDescription/ViewSetups/ViewSetup")
+    }
+    lo = np.full(3, np.inf)
+    hi = np.full(3, -np.inf)
+    for reg in root.iterfind("ViewRegistrations/ViewRegistration"):
+        model = np.eye(4)
+        for vt in reg.findall("ViewTransform"):
+            m = np.eye(4)
+            m[:3] = np.array((vt.findtext("affine") or "").split(), float).reshape(3, 4)
+            model = model @ m
+        size = sizes[int(reg.get("setup") or 0)]
+        for corner in itertools.product(*[(0.0, n - 1.0) for n in size]):
+            p = (model @ np.array([*corner, 1.0]))[:3]
+            lo, hi = np.minimum(lo, p), np.maximum(hi, p)
+    return np.floor(lo)[::-1].astype(int).tolist(), np.ceil(hi)[::-1].astype(int).tolist()
+
+
+@pytest.mark.skipif(not XMLS.is_dir(), reason="shared bigstitcher-xml not present")
+@pytest.mark.parametrize(
+    ("name", "world_unit", "shape"),
+    [
+        ("npy2bdv__kidney.xml", (65.6039, 65.6039, 65.6039), (77, 172, 112)),
+        ("npy2bdv__kidney_v1.xml", (65.6039, 65.6039, 65.6039), (77, 172, 112)),
+        ("pydantic-bigstitcher__bigstitcher_1.xml", (1.0, 0.748, 0.748), (29098, 28924, 62639)),
+        ("pydantic-bigstitcher__bigstitcher_2.xml", (1.0, 0.748, 0.748), (28672, 28729, 62445)),
+    ],
+)
+def test_real_xml_box_is_bigstitchers_to_the_voxel(name, world_unit, shape):
+    from tilefusion.readers.bdv_xml import read_bdv_xml
+
+    dataset = read_bdv_xml(XMLS / name)
+    lo, hi = _bigstitcher_maximal_box(XMLS / name)
+    assert tuple(h - low + 1 for low, h in zip(lo, hi)) == shape
+    view = dataset.views[0]
+    # The unit from the calibration, or the nominal-grid translation: never
+    # from the registration (bigstitcher_1's affines would give 1.00003 in z).
+    unrounded = np.asarray(view.voxel_size_zyx) / np.asarray(view.calibration_zyx or (1, 1, 1))
+    for resolution in (None, world_unit, unrounded.tolist()):
+        plan = make_plan(dataset, resolution_zyx=resolution, use_stored_levels=False)
+        assert plan.world_unit_zyx == world_unit
+        assert plan.shape_zyx == shape, resolution
+        origin_index = np.asarray(plan.origin_zyx) / np.asarray(plan.resolution_zyx)
+        np.testing.assert_allclose(origin_index, lo, atol=1e-6)
+
+
+def test_registration_that_rescales_is_not_a_new_world_unit():
+    # A nominal-grid translation listed last (applied first), a registration
+    # affine that rescales by 1e-4 before it: the unit stays the voxel size.
+    from tilefusion.transforms import Affine, Sequence
+
+    rescale = geometry.scale([1.0001, 1.0001, 1.0001])
+    nominal = geometry.translation([0.0, 0.0, 100.0])
+    chain = Sequence([Affine(rescale), Affine(nominal)])
+    view = View(
+        setup=0,
+        timepoint=0,
+        shape_zyx=(10, 20, 30),
+        voxel_size_zyx=(2.0, 0.5, 0.5),
+        model=geometry.compose(rescale, nominal),
+        source=ArraySource("memory", "v0"),
+        transform=chain,
+    )
+    plan = make_plan(Dataset("d.xml", "micrometer", (view,)), use_stored_levels=False)
+    assert plan.world_unit_zyx == (2.0, 0.5, 0.5)

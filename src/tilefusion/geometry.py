@@ -199,17 +199,22 @@ def world_unit_of_view(
     voxel_size_zyx: Sequence[float],
     *,
     calibration_zyx: Sequence[float] | None = None,
+    unit_affine: Affine | None = None,
 ) -> NDArray[np.float64]:
     """Physical size of one world unit on each axis, as one view implies it.
 
     A view's model maps voxels to world coordinates, and one voxel step along
-    axis ``i`` has physical length ``voxel_size[i]``. Where the chain holds a
-    BigStitcher ``calibration`` transform (a diagonal ``voxel / min(voxel)``),
-    one world unit is ``voxel_size / calibration``. Otherwise the length of
-    the model's column ``i`` is the world length of one voxel step, so one
-    world unit is ``voxel_size[i] / |column i|``: 1 physical unit for MoBIE
+    axis ``i`` has physical length ``voxel_size[i]``. The unit is set by the
+    calibration, not by the whole model: where the chain holds a BigStitcher
+    ``calibration`` transform (a diagonal ``voxel / min(voxel)``), one world
+    unit is ``voxel_size / calibration``. Otherwise the chain's last listed
+    transform (applied first: the translation to the nominal grid, or a
+    manifest's one scale) is its calibration, ``unit_affine``: one world unit
+    is ``voxel_size[i] / |column i|`` of it, so a registration affine that
+    rescales a tile by 1e-4 stays registration, not a new unit. Without
+    ``unit_affine`` the model's columns are used (1 physical unit for MoBIE
     XMLs whose model holds the voxel size, one voxel per axis for XMLs with no
-    calibration at all.
+    calibration at all).
 
     Parameters
     ----------
@@ -219,6 +224,9 @@ def world_unit_of_view(
         Physical voxel size.
     calibration_zyx : sequence of 3 floats, optional
         Diagonal of the chain's ``calibration`` transform, when it has one.
+    unit_affine : ndarray of shape (4, 4), optional
+        The chain's last listed affine (see
+        :func:`tilefusion.transforms.unit_affine`).
 
     Returns
     -------
@@ -227,6 +235,8 @@ def world_unit_of_view(
     voxel = np.asarray(voxel_size_zyx, dtype=np.float64)
     if calibration_zyx is not None:
         steps = np.abs(np.asarray(calibration_zyx, dtype=np.float64))
+    elif unit_affine is not None:
+        steps = np.linalg.norm(np.asarray(unit_affine)[:3, :3], axis=0)
     else:
         steps = np.linalg.norm(np.asarray(model)[:3, :3], axis=0)
     return voxel / steps

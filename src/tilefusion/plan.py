@@ -38,6 +38,8 @@ from tilefusion.atomic import write_text_atomic
 from tilefusion.errors import InputError
 from tilefusion.readers.arrays import StoredLevel, open_array, stored_levels
 from tilefusion.readers.base import ArraySource, Dataset, View
+from tilefusion.transforms import Sequence as Chain
+from tilefusion.transforms import unit_affine
 
 __all__ = [
     "Level",
@@ -596,6 +598,9 @@ class RangeCuts:
 
 log = logging.getLogger("tilefusion")
 
+# Resolutions this close (relative) to the world unit are taken as equal to it.
+_SAME_UNIT_RTOL = 1e-5
+
 # Relative slack when comparing a level's factor with the one allowed.
 _FACTOR_SLACK = 1e-6
 
@@ -700,7 +705,9 @@ def make_plan(
     dataset : Dataset
         The views to fuse (one selection).
     resolution_zyx : sequence of 3 floats, optional
-        Output voxel size in the dataset's unit; default: the world unit.
+        Output voxel size in the dataset's unit; default: the world unit. An axis
+        within 1e-5 (relative) of the world unit is fused at exactly the world
+        unit's grid (BigStitcher's box, in world coordinates).
     world_unit_zyx : sequence of 3 floats, optional
         Override of the world unit derived from the views.
     post_transform : ndarray of shape (4, 4), optional
@@ -740,7 +747,10 @@ def make_plan(
     if world_unit_zyx is None:
         per_view = [
             geometry.world_unit_of_view(
-                v.model, v.voxel_size_zyx, calibration_zyx=v.calibration_zyx
+                v.model,
+                v.voxel_size_zyx,
+                calibration_zyx=v.calibration_zyx,
+                unit_affine=unit_affine(v.transform) if isinstance(v.transform, Chain) else None,
             )
             for v in dataset.views
         ]
@@ -755,6 +765,11 @@ def make_plan(
     ):
         raise InputError(source, "output.resolution", f"must be 3 positive numbers: {resolution}")
 
+    grid_factor = world / resolution
+    # A resolution equal to the world unit up to its rounding (6 significant
+    # digits) is the world unit: 65.6039 for 65.603883749918 must not add a
+    # voxel to a 172-voxel axis.
+    grid_factor[np.abs(grid_factor - 1.0) <= _SAME_UNIT_RTOL] = 1.0
     post = geometry.identity() if post_transform is None else np.asarray(post_transform, float)
     post_is_identity = bool(np.array_equal(post, geometry.identity()))
 
@@ -765,9 +780,10 @@ def make_plan(
             view.model, source=source, field=f"ViewRegistration of {view.name}"
         )
         if post_is_identity:
-            # world -> grid units in one factor keeps the BigStitcher case exact
-            # (0.242 / 0.242 is 1.0; 0.242 * (1 / 0.242) need not be).
-            affine = geometry.scale(world / resolution) @ model
+            # World -> grid units in one factor; at a resolution equal to the
+            # world unit the factor is exactly 1 and the box is BigStitcher's,
+            # computed in world coordinates.
+            affine = geometry.scale(grid_factor) @ model
         else:
             affine = geometry.scale(1.0 / resolution) @ post @ geometry.scale(world) @ model
         to_grid_units.append(affine)
