@@ -1,0 +1,111 @@
+"""Intensity matching: per-tile gains and offsets from the overlaps."""
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from tilefusion import intensity, steps
+from tilefusion.config import load_config
+from tilefusion.demo import write_demo
+from tilefusion.errors import InputError
+from tilefusion.intensity import PairFit, PairSamples, fit_pair, solve_global
+
+GAINS = (0.7, 1.3, 0.95, 1.12)
+OFFSETS = (20.0, -10.0, 5.0, 0.0)
+
+
+def write_scaled_demo(folder, gains=GAINS, offsets=OFFSETS):
+    """The demo with tile k's values turned into ``gain_k * value + offset_k``."""
+    dataset = write_demo(folder / "dataset.xml")
+    for view, gain, offset in zip(dataset.views, gains, offsets):
+        array = zarr.open_array(f"{view.source.path}/0", mode="r+")
+        values = array[:].astype(np.float64) * gain + offset
+        array[...] = np.clip(np.rint(values), 1, 65535).astype(np.uint16)
+    return folder / "dataset.xml"
+
+
+def _plan(xml, tmp_path):
+    config = load_config(
+        {"dataset": str(xml), "output": {"path": str(tmp_path / "fused.ome.zarr")}}
+    )
+    return steps.plan_from_config(config)
+
+
+def test_known_gains_are_recovered_within_2_percent(tmp_path):
+    plan = _plan(write_scaled_demo(tmp_path), tmp_path)
+    document = intensity.match_intensities(plan, threads=1)
+    assert len(document["pairs"]) == 6  # 2 x 2 tiles: rows, columns and diagonals
+    found = np.array([document["tiles"][t.name]["gain"] for t in plan.tiles])
+    offsets = np.array([document["tiles"][t.name]["offset"] for t in plan.tiles])
+    # The correction undoes gain_k up to one common factor (mean gain 1).
+    truth = 1.0 / np.array(GAINS)
+    truth /= truth.mean()
+    assert found.mean() == pytest.approx(1.0)
+    assert offsets.mean() == pytest.approx(0.0, abs=1e-9)
+    np.testing.assert_allclose(found, truth, rtol=0.02)
+    # corrected = raw * gain + offset makes every tile the same affine image of the truth
+    common = found * np.array(OFFSETS) + offsets
+    np.testing.assert_allclose(common, common[0], atol=1.0)
+    for pair in document["pairs"]:
+        assert pair["residual_ratio"] == pytest.approx(1.0, abs=0.005)
+
+
+def test_document_round_trips_and_bad_files_are_refused(tmp_path):
+    plan = _plan(write_scaled_demo(tmp_path), tmp_path)
+    document = intensity.match_intensities(plan, model="gain", threads=1)
+    path = tmp_path / "intensity.json"
+    intensity.write_intensity(path, document)
+    read = intensity.read_intensity(path)
+    assert set(read) == {t.name for t in plan.tiles}
+    assert all(v.offset == 0.0 for v in read.values())
+    with pytest.raises(InputError, match="intensity file not found"):
+        intensity.read_intensity(tmp_path / "missing.json")
+    document["tiles"]["t0-s0"]["gain"] = -1
+    path.write_text(json.dumps(document))
+    with pytest.raises(InputError, match=r"tiles\.t0-s0: gain -1.0 must be positive"):
+        intensity.read_intensity(path)
+    path.write_text(json.dumps({"tilefusion_intensity": 99}))
+    with pytest.raises(InputError, match="not an intensity file of this version"):
+        intensity.read_intensity(path)
+
+
+def test_pair_fit_ignores_outliers():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(100, 1000, 2000)
+    b = 0.8 * a + 15 + rng.normal(0, 1, a.size)
+    b[:200] = rng.uniform(0, 5000, 200)  # 10 % from something only one tile shows
+    fit = fit_pair(PairSamples((0, 1), np.zeros((a.size, 3)), a, b))
+    assert fit.scale == pytest.approx(0.8, rel=0.005)
+    assert fit.shift == pytest.approx(15, abs=2)
+    assert fit.inliers < 1900
+    # a flat overlap cannot tell gain from offset: the gain alone is fitted
+    flat = fit_pair(PairSamples((0, 1), np.zeros((100, 3)), np.full(100, 50.0), np.full(100, 60.0)))
+    assert (flat.scale, flat.shift) == (pytest.approx(1.2), 0.0)
+    with pytest.raises(ValueError, match="model must be one of"):
+        fit_pair(PairSamples((0, 1), np.zeros((1, 3)), a[:1], b[:1]), model="affine")
+
+
+def test_global_solve_anchors_each_group_and_leaves_lonely_tiles_alone():
+    # tiles 0-1-2 in a chain, 3-4 a pair, 5 alone
+    fits = [
+        PairFit((0, 1), 2.0, 0.0, 100, 100.0, 1.0),  # b = 2a: tile 1 twice as bright
+        PairFit((1, 2), 0.5, 10.0, 100, 100.0, 1.0),
+        PairFit((3, 4), 1.5, 0.0, 100, 100.0, 1.0),
+    ]
+    out = solve_global(6, fits)
+    gains = np.array([s.gain for s in out])
+    np.testing.assert_allclose(gains[[0, 1, 2]].mean(), 1.0)
+    np.testing.assert_allclose(gains[0] / gains[1], 2.0)
+    np.testing.assert_allclose(gains[1] / gains[2], 0.5)
+    np.testing.assert_allclose(gains[3:5].mean(), 1.0)
+    np.testing.assert_allclose(gains[3] / gains[4], 1.5)
+    assert (out[5].gain, out[5].offset) == (1.0, 0.0)
+    offsets = np.array([s.offset for s in out])
+    np.testing.assert_allclose(offsets[:3].mean(), 0.0, atol=1e-9)
+    # offset_1 = 10 * gain_2 + offset_2
+    assert offsets[1] == pytest.approx(10 * gains[2] + offsets[2])
+    # a pair of unrelated tiles (negative scale) is left out
+    alone = solve_global(2, [PairFit((0, 1), -1.0, 0.0, 10, 10.0, 1.0)])
+    assert [(s.gain, s.offset) for s in alone] == [(1.0, 0.0), (1.0, 0.0)]
