@@ -38,8 +38,8 @@ from tilefusion.atomic import write_text_atomic
 from tilefusion.errors import InputError
 from tilefusion.readers.arrays import StoredLevel, open_array, stored_levels
 from tilefusion.readers.base import ArraySource, Dataset, View
+from tilefusion.transforms import ParseContext, parse_transform, unit_affine
 from tilefusion.transforms import Sequence as Chain
-from tilefusion.transforms import unit_affine
 
 __all__ = [
     "Level",
@@ -316,21 +316,20 @@ def read_plan(path: str | Path) -> Plan:
 
 
 def post_transform_affine(steps: Sequence[dict[str, Any]], *, source: str) -> geometry.Affine:
-    """Compose the config's ``fusion.post_transforms`` (applied in listed order)."""
+    """Compose the config's ``fusion.post_transforms`` (applied in listed order).
+
+    Each step is a transform item of :mod:`tilefusion.transforms` that is
+    affine: ``affine_zyx``, ``scale``, ``translation``, ``deskew``,
+    ``anisotropy`` (or a plugin kind that is affine).
+    """
     total = geometry.identity()
     for index, step in enumerate(steps):
         field_name = f"fusion.post_transforms[{index}]"
-        ((kind, value),) = step.items()
-        if kind == "scale":
-            step_affine = geometry.scale(value)
-        elif kind == "translation":
-            step_affine = geometry.translation(value)
-        else:
-            matrix = np.asarray(value, dtype=np.float64)
-            if matrix.shape == (3, 4):
-                matrix = np.vstack([matrix, [0.0, 0.0, 0.0, 1.0]])
-            step_affine = matrix
-        step_affine = geometry.check_affine(step_affine, source=source, field=field_name)
+        item = parse_transform(step, ParseContext(source, field_name))
+        matrix = item.as_affine()
+        if matrix is None:
+            raise InputError(source, field_name, "a post-registration transform must be affine")
+        step_affine = geometry.check_affine(matrix, source=source, field=field_name)
         total = step_affine @ total
     return total
 

@@ -24,7 +24,9 @@ Each ``tiles`` entry gives one view. Its model maps voxel indices (zyx,
 voxel centres) to world coordinates and is the product of ``transforms`` in
 listed order, as BigStitcher composes ``<ViewTransform>`` chains: above, a
 voxel is first scaled, then translated. No transform means the identity
-(world coordinates in voxels). Each entry holds exactly one of
+(world coordinates in voxels). Each entry holds exactly one transform kind
+of :mod:`tilefusion.transforms` (the one parser of manifests, XML chains and
+OME-Zarr 0.6 metadata; plugins add kinds), and optionally ``name``:
 
 ``affine``
     12 numbers, a row-major 3x4 matrix in **xyz** order, copied from a
@@ -35,9 +37,44 @@ voxel is first scaled, then translated. No transform means the identity
     Offset ``[z, y, x]``.
 ``scale``
     Factors ``[z, y, x]``.
+``deskew``
+    ``{angle: A, scan_axis: x, sign: 1, rotate: false}``: a stage-scanning
+    light sheet's deskew in physical coordinates, where the tile's z voxel
+    size is the stage step; ``A`` is the angle (degrees) between the sheet
+    and the scan axis. On (z, y, x), scan axis x::
 
-and optionally ``name``; a diagonal entry named ``calibration`` sets the
-view's calibration (see :func:`tilefusion.geometry.world_unit_of_view`).
+        [ sin A      0  0 ]
+        [ 0          1  0 ]
+        [ s cos A    0  1 ]      (s = sign; scan axis y: the term in row y)
+
+    ``rotate: true`` then rotates by ``A`` about y into the coverslip frame
+    (PetaKit5D's "deskew/rotate")::
+
+        [  cos A  0  sin A ]
+        [  0      1  0     ]
+        [ -sin A  0  cos A ]
+
+    List it before the calibration (so it is applied after it, to
+    physical lengths).
+``anisotropy``
+    ``F`` or ``{factor: F, axis: z}``: ``diag(F, 1, 1)`` (the axis named
+    scaled by ``F``), BigStitcher's anisotropy factor as a named transform.
+``displacements``
+    ``{path: fields/tile0.ome.zarr, interpolation: linear}``: a flow field
+    in the OME-Zarr 0.6 (RFC-5) vocabulary, mapping p to p + D(p). The
+    field is an OME-Zarr image with one axis of type ``displacement``
+    (length 3: z, y, x components) and three ``space`` axes; its level-0
+    ``scale``/``translation`` place its grid in the item's input space, in
+    world units, its values are world units, interpolated trilinearly
+    (constant past the grid). Fusion needs the inverse: it is computed by
+    fixed-point iteration to 0.01 of the tile's smallest voxel (a field for
+    which it does not converge is refused, naming it), unless given by
+``bijection``
+    ``{forward: ITEM, inverse: ITEM}``: a transform with its inverse given.
+
+A diagonal entry named ``calibration`` sets the view's calibration, and
+with it the world unit (see :func:`tilefusion.geometry.world_unit_of_view`);
+without one, the last listed entry does.
 The format is chosen from ``format`` or else the path's extension
 (``.zarr``, ``.n5``, ``.h5``/``.hdf5``, ``.tif``/``.tiff``).
 """
