@@ -109,3 +109,24 @@ def test_global_solve_anchors_each_group_and_leaves_lonely_tiles_alone():
     # a pair of unrelated tiles (negative scale) is left out
     alone = solve_global(2, [PairFit((0, 1), -1.0, 0.0, 10, 10.0, 1.0)])
     assert [(s.gain, s.offset) for s in alone] == [(1.0, 0.0), (1.0, 0.0)]
+
+
+def test_gains_are_fitted_on_flatfield_corrected_values(tmp_path):
+    xml = write_scaled_demo(tmp_path)
+    plan = _plan(xml, tmp_path)
+    ny, nx = plan.tiles[0].shape_zyx[1:]
+    yy, xx = np.meshgrid(np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), indexing="ij")
+    shading = 1.0 - 0.3 * (yy**2 + xx**2)
+    for tile in plan.tiles:
+        array = zarr.open_array(f"{tile.source.path}/0", mode="r+")
+        array[...] = np.clip(np.rint(array[:] * shading), 1, 65535).astype(np.uint16)
+    truth = 1.0 / np.array(GAINS)
+    truth /= truth.mean()
+    profiles = (shading / shading.mean(), np.zeros_like(shading))
+    document = intensity.match_intensities(plan, threads=1, profiles=profiles)
+    found = np.array([document["tiles"][t.name]["gain"] for t in plan.tiles])
+    np.testing.assert_allclose(found, truth, rtol=0.02)
+    # the shading left in, the fits are off (the overlaps sit at the dark edges)
+    shaded = intensity.match_intensities(plan, threads=1)
+    wrong = np.array([shaded["tiles"][t.name]["gain"] for t in plan.tiles])
+    assert np.max(np.abs(wrong / truth - 1)) > 2 * np.max(np.abs(found / truth - 1))

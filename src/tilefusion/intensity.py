@@ -60,6 +60,8 @@ log = logging.getLogger("tilefusion")
 INTENSITY_VERSION = 1
 Model = Literal["gain_offset", "gain", "offset"]
 _MODELS = ("gain_offset", "gain", "offset")
+# (flatfield, darkfield), yx arrays over a tile's yx extent
+Profiles = tuple[NDArray[Any], NDArray[Any]]
 
 # Largest tile crop (voxels) read at once while sampling; points needing more are split.
 _CROP_VOXELS = 1 << 23
@@ -276,6 +278,7 @@ def sample_pair(
     *,
     max_samples: int = 4096,
     arrays: OpenArrays | None = None,
+    profiles: Profiles | None = None,
 ) -> PairSamples:
     """Read both tiles of a pair at a coarse grid of output points in their overlap.
 
@@ -285,6 +288,11 @@ def sample_pair(
     where both tiles store one fine enough for the grid's spacing, see
     :func:`_pair_levels`), reading crops of bounded size. Points outside
     either tile, or where either has no data (0 or NaN), are dropped.
+
+    ``profiles`` (flatfield, darkfield: yx arrays of the tiles' yx shape as
+    planned) correct the values as ``(value - dark) / flat`` at each
+    point's yx, as the fusion will; the tiles are then read at the level
+    planned.
     """
     i, j = pair
     tile_a, tile_b = plan.tiles[i], plan.tiles[j]
@@ -299,7 +307,11 @@ def sample_pair(
         else 1.0
     )
     arrays = arrays or OpenArrays()
-    level_a, level_b = _pair_levels(tile_a, tile_b, spacing)
+    if profiles is None:
+        level_a, level_b = _pair_levels(tile_a, tile_b, spacing)
+    else:
+        level_a = _Level(tile_a.source, tile_a.tile_to_output, tile_a.shape_zyx)
+        level_b = _Level(tile_b.source, tile_b.tile_to_output, tile_b.shape_zyx)
     keep = np.ones(len(points), dtype=bool)
     coords = []
     for level in (level_a, level_b):
@@ -310,7 +322,21 @@ def sample_pair(
     a, ok_a = read_points(arrays.get(level_a.array_source), coords[0][keep])
     b, ok_b = read_points(arrays.get(level_b.array_source), coords[1][keep])
     both = ok_a & ok_b
+    if profiles is not None:
+        a = _flat_corrected(a, coords[0][keep], profiles)
+        b = _flat_corrected(b, coords[1][keep], profiles)
     return PairSamples(tiles=(i, j), points=points[keep][both], a=a[both], b=b[both])
+
+
+def _flat_corrected(
+    values: NDArray[np.float64], coords: NDArray[np.float64], profiles: Profiles
+) -> NDArray[np.float64]:
+    """``(value - dark) / flat`` with both profiles interpolated at the points' yx."""
+    flat, dark = (np.asarray(p, dtype=np.float64)[None] for p in profiles)
+    yx = np.column_stack([np.zeros(len(coords)), coords[:, 1], coords[:, 2]])
+    f, _ = interpolate(flat, yx)
+    d, _ = interpolate(dark, yx)
+    return (values - d) / f
 
 
 _HUBER_K = 1.345
@@ -465,6 +491,7 @@ def match_intensities(
     max_samples: int = 4096,
     min_samples: int = 64,
     threads: int | None = None,
+    profiles: Profiles | None = None,
 ) -> dict[str, Any]:
     """Estimate every tile's gain and offset from the plan's overlaps.
 
@@ -480,6 +507,9 @@ def match_intensities(
         Pairs with fewer points where both tiles have data are left out.
     threads : int, optional
         Pairs sampled at once (default: the CPUs this process may use).
+    profiles : (flatfield, darkfield), optional
+        Illumination profiles the fusion applies before the gains: the pairs
+        are fitted on corrected values (see :func:`sample_pair`).
 
     Returns
     -------
@@ -500,7 +530,7 @@ def match_intensities(
     workers = max(1, threads if threads is not None else usable_cpus())
 
     def one(pair: tuple[int, int]) -> tuple[PairSamples, PairFit]:
-        samples = sample_pair(plan, pair, max_samples=max_samples, arrays=arrays)
+        samples = sample_pair(plan, pair, max_samples=max_samples, arrays=arrays, profiles=profiles)
         return samples, fit_pair(samples, model=model)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
