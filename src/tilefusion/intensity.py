@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,11 +266,13 @@ class OpenArrays:
 
     def __init__(self) -> None:
         self._open: dict[Any, TileArray] = {}
+        self._lock = threading.Lock()
 
     def get(self, source: Any) -> TileArray:
-        if source not in self._open:
-            self._open[source] = open_array(source)
-        return self._open[source]
+        with self._lock:
+            if source not in self._open:
+                self._open[source] = open_array(source)
+            return self._open[source]
 
 
 def sample_pair(

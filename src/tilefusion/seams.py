@@ -33,6 +33,7 @@ In the fused image (:func:`seam_contrast`)
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from tilefusion import geometry
+from tilefusion.devices import usable_cpus
 from tilefusion.intensity import (
     OpenArrays,
     PairSamples,
@@ -138,14 +140,11 @@ def seam_contrast(
     out: dict[tuple[int, int], tuple[float, float, int]] = {}
     lo = np.array([t.box_lo for t in plan.tiles])
     hi = np.array([t.box_hi for t in plan.tiles])
+    margin = 3 * step
     for index, tile in enumerate(plan.tiles):
-        near = [
-            k
-            for k in range(len(plan.tiles))
-            if k != index
-            and np.all(lo[k] <= hi[index] + 3 * step)
-            and np.all(lo[index] <= hi[k] + 3 * step)
-        ]
+        meets = np.all((lo <= hi[index] + margin) & (lo[index] <= hi + margin), axis=1)
+        meets[index] = False
+        near = np.flatnonzero(meets).tolist()
         if not near:
             continue
         linear = tile.tile_to_output[:3, :3]
@@ -202,6 +201,8 @@ def seam_metrics(
     step: float = 1.0,
     max_samples: int = 1024,
     points_per_face: int = 256,
+    max_points: int = 65536,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Every overlapping pair's agreement and seam contrast, and the totals.
 
@@ -217,6 +218,11 @@ def seam_metrics(
     max_samples, points_per_face : int
         Bounds of the tile samples per pair and of the fused-image points
         per tile face.
+    max_points : int
+        Bound of the fused-image points over all faces (fewer per face for
+        many tiles, at least 16), so validating 10,000 tiles stays quick.
+    threads : int, optional
+        Pairs sampled at once (default: the CPUs this process may use).
 
     Returns
     -------
@@ -235,10 +241,19 @@ def seam_metrics(
     )
     arrays = OpenArrays()
     fused = ArraySource("zarr", str(store_path), "0")
-    contrast = seam_contrast(plan, fused, step=step, points_per_face=points_per_face)
+    per_face = max(16, min(points_per_face, max_points // max(6 * len(plan.tiles), 1)))
+    contrast = seam_contrast(plan, fused, step=step, points_per_face=per_face)
+    overlapping = overlapping_pairs(plan)
+    workers = max(1, threads if threads is not None else usable_cpus())
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        sampled = list(
+            pool.map(
+                lambda pair: sample_pair(plan, pair, max_samples=max_samples, arrays=arrays),
+                overlapping,
+            )
+        )
     pairs = []
-    for pair in overlapping_pairs(plan):
-        samples = sample_pair(plan, pair, max_samples=max_samples, arrays=arrays)
+    for pair, samples in zip(overlapping, sampled):
         entry: dict[str, Any] = {"tiles": [names[pair[0]], names[pair[1]]]}
         entry.update(pair_agreement(samples, corrections=by_index))
         e, s, n = contrast.get(pair, (0.0, 0.0, 0))
