@@ -96,6 +96,17 @@ def _cmd_validate(args: argparse.Namespace) -> None:
     print(json.dumps({"ok": report["ok"], "levels": report["levels"]}))
 
 
+def _cmd_transform_points(args: argparse.Namespace) -> None:
+    from tilefusion.transforms import transform_points_in_zarr
+
+    try:
+        coordinates = json.loads(args.coordinates)
+    except json.JSONDecodeError as exc:
+        raise InputError("command line", "COORDINATES", f"not JSON: {exc.msg}") from None
+    points = transform_points_in_zarr(args.zarr, args.source, args.target, coordinates)
+    print(json.dumps({"coordinates": points}))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tilefusion", description="Fuse tiled light-sheet acquisitions into OME-Zarr."
@@ -150,6 +161,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report", required=True)
     p.add_argument("--decode-all", action="store_true", help="decode every object, not one per job")
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser(
+        "transform-points",
+        help="map points between coordinate systems of an OME-Zarr 0.6 scene (RFC-5)",
+    )
+    p.add_argument("zarr", help="OME-Zarr group whose attributes hold ome.scene")
+    p.add_argument("source", help="coordinate system of the points")
+    p.add_argument("target", help="coordinate system to map them to")
+    p.add_argument("coordinates", help="JSON list of points, e.g. [[1, 2], [3, 4]]")
+    p.set_defaults(func=_cmd_transform_points)
     return parser
 
 
@@ -164,6 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.func(args)
     except InputError as exc:
         print(f"tilefusion: error: {exc}", file=sys.stderr)
+        if args.command == "transform-points":
+            # The RFC-5 conformance protocol reads an Error object from stdout.
+            print(json.dumps({"message": str(exc)}))
         return 2
     return 0
 

@@ -73,7 +73,9 @@ __all__ = [
     "deskew_matrix",
     "parse_chain",
     "parse_transform",
+    "scene_transform",
     "transform_from_json",
+    "transform_points_in_zarr",
     "unit_affine",
 ]
 
@@ -1039,3 +1041,107 @@ def unit_affine(chain: Sequence) -> NDArray[np.float64] | None:
         if matrix is not None:
             return matrix
     return None
+
+
+# ---------------------------------------------------------------------------
+# OME-Zarr 0.6 scenes
+
+
+def scene_transform(
+    scene: Mapping[str, Any], source: str, target: str, *, origin: str
+) -> Transform:
+    """The transform from coordinate system ``source`` to ``target`` of an RFC-5 scene.
+
+    The scene's ``coordinateTransformations`` make a graph whose edges run
+    from ``input`` to ``output`` (the transform) and back (its inverse); the
+    shortest path is composed.
+
+    Raises
+    ------
+    InputError
+        Naming ``origin``, for an unknown coordinate system, no path, or an
+        item that does not parse or invert.
+    """
+    systems = {
+        str(cs.get("name")): len(cs.get("axes", []))
+        for cs in scene.get("coordinateSystems", [])
+        if isinstance(cs, Mapping)
+    }
+    for role, name in (("source", source), ("target", target)):
+        if name not in systems:
+            raise InputError(origin, "scene.coordinateSystems", f"no {role} system {name!r}")
+    edges: dict[str, list[tuple[str, int, bool]]] = {}
+    items = list(scene.get("coordinateTransformations", []))
+    for k, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            continue
+        a, b = str(item.get("input")), str(item.get("output"))
+        edges.setdefault(a, []).append((b, k, False))
+        edges.setdefault(b, []).append((a, k, True))
+    path: dict[str, list[tuple[int, bool]]] = {source: []}
+    frontier = [source]
+    while frontier and target not in path:
+        nxt = []
+        for node in frontier:
+            for other, k, backwards in edges.get(node, []):
+                if other not in path:
+                    path[other] = [*path[node], (k, backwards)]
+                    nxt.append(other)
+        frontier = nxt
+    if target not in path:
+        raise InputError(
+            origin, "scene.coordinateTransformations", f"no path from {source!r} to {target!r}"
+        )
+    steps: list[Transform] = []
+    for k, backwards in path[target]:
+        ndim = systems.get(str(items[k].get("input")), systems[source])
+        ctx = ParseContext(origin, f"scene.coordinateTransformations[{k}]", ndim=ndim)
+        step = parse_transform(items[k], ctx)
+        try:
+            steps.append(step.inverse() if backwards else step)
+        except ValueError as error:
+            raise ctx.error(f"cannot be inverted: {error}") from None
+    # Sequence applies its last item first.
+    return Sequence(steps[::-1]) if steps else Affine(np.eye(systems[source] + 1))
+
+
+def transform_points_in_zarr(
+    path: str | os.PathLike[str], source: str, target: str, coordinates: Any
+) -> list[list[float]]:
+    """Map points between two coordinate systems of an OME-Zarr hierarchy's scene.
+
+    Reads ``attributes.ome.scene`` of the group at ``path`` (``zarr.json``;
+    ``.zattrs`` for Zarr v2) and applies :func:`scene_transform`.
+    """
+    import json
+
+    root = Path(path)
+    origin = str(root)
+    document = None
+    for name in ("zarr.json", ".zattrs"):
+        try:
+            document = json.loads((root / name).read_text(encoding="utf-8"))
+            break
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as error:
+            raise InputError(origin, name, f"cannot read: {error}") from None
+    if not isinstance(document, Mapping):
+        raise InputError(origin, "zarr.json", "no Zarr group metadata")
+    attrs = document.get("attributes", document)
+    ome = attrs.get("ome", attrs) if isinstance(attrs, Mapping) else None
+    scene = ome.get("scene") if isinstance(ome, Mapping) else None
+    if not isinstance(scene, Mapping):
+        raise InputError(origin, "attributes.ome.scene", "missing: not an OME-Zarr 0.6 scene")
+    transform = scene_transform(scene, source, target, origin=origin)
+    try:
+        points = np.asarray(coordinates, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError("command line", "COORDINATES", "not an array of numbers") from None
+    if points.ndim != 2 or points.shape[1] != transform.ndim:
+        raise InputError(
+            "command line",
+            "COORDINATES",
+            f"needs a list of {transform.ndim}-element points, got shape {list(points.shape)}",
+        )
+    return [[float(v) for v in row] for row in transform.apply(points)]
