@@ -130,3 +130,47 @@ def test_gains_are_fitted_on_flatfield_corrected_values(tmp_path):
     shaded = intensity.match_intensities(plan, threads=1)
     wrong = np.array([shaded["tiles"][t.name]["gain"] for t in plan.tiles])
     assert np.max(np.abs(wrong / truth - 1)) > 2 * np.max(np.abs(found / truth - 1))
+
+
+def test_pairs_are_sampled_from_a_stored_coarse_level_both_tiles_keep(tmp_path, monkeypatch):
+    xml = write_scaled_demo(tmp_path)
+    plan = _plan(xml, tmp_path)
+    voxel = (2.0, 0.5, 0.5)
+    for tile in plan.tiles:
+        group = zarr.open_group(tile.source.path, mode="r+")
+        full = group["0"][:].astype(np.float64)
+        ny, nx = full.shape[1] // 2 * 2, full.shape[2] // 2 * 2
+        half = full[:, :ny, :nx].reshape(full.shape[0], ny // 2, 2, nx // 2, 2).mean(axis=(2, 4))
+        group.create_array("1", shape=half.shape, chunks=(16, 32, 32), dtype="uint16")[...] = (
+            np.rint(half).astype(np.uint16)
+        )
+        group.attrs["multiscales"] = [
+            {
+                "version": "0.4",
+                "axes": [{"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"],
+                "datasets": [
+                    {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": voxel}]},
+                    {
+                        "path": "1",
+                        "coordinateTransformations": [
+                            {"type": "scale", "scale": [2.0, 1.0, 1.0]},
+                            {"type": "translation", "translation": [0.0, 0.25, 0.25]},
+                        ],
+                    },
+                ],
+            }
+        ]
+    opened = []
+    real_open = intensity.open_array
+
+    def spy(source, **kwargs):
+        opened.append(source.key)
+        return real_open(source, **kwargs)
+
+    monkeypatch.setattr(intensity, "open_array", spy)
+    document = intensity.match_intensities(plan, threads=1)
+    # level 1 (1, 2, 2) for the wide overlaps; the small diagonal ones read level 0
+    assert opened.count("1") >= 8 and "" in opened
+    found = np.array([document["tiles"][t.name]["gain"] for t in plan.tiles])
+    truth = 1.0 / np.array(GAINS)
+    np.testing.assert_allclose(found, truth / truth.mean(), rtol=0.02)

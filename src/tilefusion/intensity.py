@@ -241,8 +241,9 @@ def _pair_levels(tile_a: PlannedTile, tile_b: PlannedTile, spacing: float) -> tu
         return planned
     levels_a = {tuple(lv.factors_zyx): lv for lv in stored_levels(tile_a.source)[1:]}
     levels_b = {tuple(lv.factors_zyx): lv for lv in stored_levels(tile_b.source)[1:]}
-    allowed_a = level_allowance(tile_a.tile_to_output) * spacing / 2.0
-    allowed_b = level_allowance(tile_b.tile_to_output) * spacing / 2.0
+    # A factor of 1 (an axis the level keeps) always fits.
+    allowed_a = np.maximum(level_allowance(tile_a.tile_to_output) * spacing / 2.0, 1.0)
+    allowed_b = np.maximum(level_allowance(tile_b.tile_to_output) * spacing / 2.0, 1.0)
     common = [
         f
         for f in levels_a.keys() & levels_b.keys()
