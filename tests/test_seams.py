@@ -14,7 +14,7 @@ from tilefusion.plan import read_plan
 from tilefusion.readers.arrays import forget_memory_array, register_memory_array
 
 
-def _fuse(xml, workdir, blending="mean"):
+def _fuse(xml, workdir, blending="cosine"):
     config = {
         "dataset": str(xml),
         "output": {"path": str(workdir / "fused.ome.zarr"), "chunks": [16, 32, 32]},
@@ -47,7 +47,7 @@ def test_matching_lowers_the_seam_contrast_at_least_5x(tmp_path):
     after = seams.seam_metrics(plan_fixed, store_path=tmp_path / "fused_fixed" / "fused.ome.zarr")
     s_before, s_after = before["summary"], after["summary"]
     assert s_before["pairs"] == s_after["pairs"] == 6
-    assert s_before["seam_points"] > 1000
+    assert s_before["seam_probes"] > 1000
     assert s_before["seam_contrast"] > 0.05
     assert s_after["seam_contrast"] * 5 <= s_before["seam_contrast"]
     # the tiles' ratio shows the gains; structure agrees either way
@@ -56,24 +56,26 @@ def test_matching_lowers_the_seam_contrast_at_least_5x(tmp_path):
     assert s_before["ncc_min"] > 0.999
 
 
-def test_a_step_scores_its_relative_jump_and_a_slope_scores_nothing():
-    # two tiles side by side along x, overlapping 16 voxels, fused by hand
+def test_the_score_sees_a_brighter_tile_and_not_the_content():
+    # two tiles side by side along x, overlapping over x = 32..47, on a sloped sample
     from tilefusion import geometry
     from tilefusion.plan import Plan, PlannedTile, _levels
 
     shape = (4, 16, 48)
+    x = np.arange(80, dtype=np.float64)
+    content = 100.0 + 0.5 * x
     tiles = []
     for k, x0 in enumerate((0, 32)):
-        t2o = geometry.translation([0, 0, x0])
+        values = np.broadcast_to(content[x0 : x0 + 48], shape).astype(np.float32).copy()
         tiles.append(
             PlannedTile(
                 name=f"t0-s{k}",
                 setup=k,
                 timepoint=0,
-                source=register_memory_array(f"seam-tile{k}", np.ones(shape, np.float32)),
+                source=register_memory_array(f"seam-tile{k}", values),
                 shape_zyx=shape,
                 dtype="float32",
-                tile_to_output=t2o,
+                tile_to_output=geometry.translation([0, 0, x0]),
                 box_lo=(0.0, 0.0, float(x0)),
                 box_hi=(3.0, 15.0, float(x0 + 47)),
             )
@@ -88,19 +90,16 @@ def test_a_step_scores_its_relative_jump_and_a_slope_scores_nothing():
         n_levels=1,
     )
     plan = Plan("memory", "micrometer", (1.0, 1.0, 1.0), levels, tuple(tiles))
-    x = np.arange(80, dtype=np.float64)
+    # tile 0 fused 20 % too bright; mean blending: 1.1 times the content in the overlap
+    bright = np.where(x < 32, 1.2, np.where(x <= 47, 1.1, 1.0)) * content
     try:
-        for fused, expected in [
-            # a step of 20 at tile 0's face (local mean 110); tile 1's face (at 100) sees none
-            (np.where(x <= 47, 100.0, 120.0), 20 / (110 + 100)),
-            (100.0 + 0.5 * x, 0.0),  # a linear slope: no seam
-        ]:
+        for fused, expected in [(content, 0.0), (bright, 0.1 / 1.1)]:
             volume = np.broadcast_to(fused, (4, 16, 80)).astype(np.float32).copy()
             source = register_memory_array("seam-fused", volume)
-            out = seams.seam_contrast(plan, source, step=1.0, points_per_face=64)
+            out = seams.seam_contrast(plan, source, depth=16.0, points_per_face=64)
             e, s, n = out[(0, 1)]
-            assert n > 0
-            assert max(0.0, e) / s == pytest.approx(expected, abs=0.01)
+            assert n > 100
+            assert e / s == pytest.approx(expected, abs=1e-4)
     finally:
         for name in ("seam-tile0", "seam-tile1", "seam-fused"):
             forget_memory_array(name)

@@ -11,23 +11,27 @@ Per overlapping pair, from the tiles (:func:`pair_agreement`)
     the same after the intensity correction, when one was applied.
 
 In the fused image (:func:`seam_contrast`)
-    At points ``p`` on each face of each tile (where the tile's data end)
-    that lie inside another tile, with ``n`` the face's outward normal and
-    ``h`` the step (output voxels), the fused image ``f`` is read (linear
-    interpolation) at ``p + u·h·n`` for ``u`` in -3, -1, 1, 3. The step across
-    the face, beyond what the image's own slope on either side predicts, is
+    A seam is where the fused image stops following the tiles. At points
+    ``p`` on each face of each tile ``i`` (where its data end) that lie
+    inside another tile ``k``, with ``n`` the face's outward normal, the fused
+    image ``f`` and tile ``k``'s own values are read (linear interpolation)
+    at probes ``p + u·n`` beyond the face and ``p - u·n`` inside it, for ``u``
+    in ``depth · (1/8, 1/4, 1/2, 1)`` (output voxels; probes outside tile
+    ``k`` left out). Beyond the face only ``k`` (and tiles other than ``i``)
+    make ``f``, so a least-squares fit ``f ≈ α·k + β`` there, over the face's
+    probes, is ``k``'s correction as fused. Inside the face tile ``i`` is
+    blended in; where it agrees with ``k`` the fit still holds. The seam
+    contrast of a set of faces is
 
-        e(p) = |f₁ - f₋₁| - (|f₋₁ - f₋₃| + |f₃ - f₁|) / 2
+        Σ |f - (α·k + β)| / Σ f      (over the probes inside the faces)
 
-    (0 for content that is linear across the face, the size of the jump for
-    a step). The seam contrast of a set of face points is ``max(0, Σ e) /
-    Σ L``, with ``L = (|f₋₁| + |f₁|) / 2`` the local intensity: the mean
-    relative step. A tile brighter by 20 % than its neighbour, blended by
-    ``mean``, scores about 0.1 (half the jump, relative to the mean). Points
-    where the fused image has no data (0) at any of the four are left out.
-    Cosine blending spreads a mismatch over the blend range instead of a
-    step at the face, so there the score is lower for the same mismatch,
-    which ``ratio`` still shows.
+    the mean relative departure of the fused image from its neighbour's
+    picture of the same content: 0 for a seamless fusion whatever the
+    content, and about ``w · |r - 1|`` for a tile ``r`` times as bright as its
+    neighbour, with ``w`` its share of the blend (1/2 for ``mean`` blending
+    well inside the overlap; less near the face for ``cosine``, which ramps
+    the tile in over ``blend_range``). Probes where the fused image or the
+    tile have no data are left out.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from tilefusion.readers.base import ArraySource
 
 __all__ = ["pair_agreement", "seam_contrast", "seam_metrics"]
 
-_STENCIL = (-3.0, -1.0, 1.0, 3.0)
+_PROBES = (0.125, 0.25, 0.5, 1.0)
 
 
 def pair_agreement(
@@ -108,41 +112,50 @@ def seam_contrast(
     plan: Plan,
     fused: ArraySource,
     *,
-    step: float = 1.0,
+    depth: float = 16.0,
     points_per_face: int = 256,
+    arrays: OpenArrays | None = None,
 ) -> dict[tuple[int, int], tuple[float, float, int]]:
-    """Steps across tile faces in the fused image (defined in the module docstring).
+    """How far the fused image departs from a neighbour tile inside each tile face.
+
+    Defined in the module docstring: for tile ``i``'s face points inside
+    tile ``k``, probes at ``u · n`` for ``u`` in ``depth · (1/8, 1/4, 1/2,
+    1)`` beyond the face (where ``i`` has no data) fit ``f ≈ α·k + β``;
+    the probes at ``-u · n``, inside the face, give the residuals.
 
     Parameters
     ----------
     plan : Plan
     fused : ArraySource
         Level 0 of the fused output.
-    step : float
-        ``h``, in output voxels.
+    depth : float
+        How far from the face the probes go, in output voxels (the farthest
+        probe; probes outside tile ``k`` or the grid are left out).
     points_per_face : int
         Points sampled on each face of each tile (before those outside
-        another tile or the grid are left out).
+        another tile are left out).
+    arrays : OpenArrays, optional
+        The tiles' arrays, shared with other samplers.
 
     Returns
     -------
     dict
-        ``(i, j)`` (``i < j``) to the summed excess step, summed local
-        intensity and number of points, over the faces of tile ``i`` inside
-        tile ``j`` and of ``j`` inside ``i``. A face point inside several
-        other tiles counts for the first of them.
+        ``(i, j)`` (``i < j``) to the summed absolute residual, the summed
+        fused intensity at the same probes and the number of probes, over the
+        faces of tile ``i`` inside tile ``j`` and of ``j`` inside ``i``. A
+        face point inside several other tiles counts for the first of them.
     """
     from tilefusion.readers import open_array
 
-    array = open_array(fused)
+    image = open_array(fused)
+    arrays = arrays or OpenArrays()
     grid = np.asarray(plan.shape_zyx, dtype=np.float64)
-    offsets = np.asarray(_STENCIL) * step
+    offsets = depth * np.asarray(_PROBES)
     out: dict[tuple[int, int], tuple[float, float, int]] = {}
     lo = np.array([t.box_lo for t in plan.tiles])
     hi = np.array([t.box_hi for t in plan.tiles])
-    margin = 3 * step
     for index, tile in enumerate(plan.tiles):
-        meets = np.all((lo <= hi[index] + margin) & (lo[index] <= hi + margin), axis=1)
+        meets = np.all((lo <= hi[index] + depth) & (lo[index] <= hi + depth), axis=1)
         meets[index] = False
         near = np.flatnonzero(meets).tolist()
         if not near:
@@ -156,41 +169,62 @@ def seam_contrast(
                 outward = normal if side else -normal
                 face = _face_points(tile.shape_zyx, axis, side, points_per_face)
                 p = geometry.transform_points(tile.tile_to_output, face)
-                probes = p[:, None, :] + offsets[None, :, None] * outward[None, None, :]
-                ok = np.all((probes >= 0) & (probes <= grid - 1), axis=(1, 2))
                 owner = np.full(len(p), -1)
-                beyond = probes[:, -1, :]
                 for k in near:
-                    free = (owner < 0) & ok
+                    free = owner < 0
                     if not free.any():
                         break
                     hit = np.zeros(len(p), dtype=bool)
-                    hit[free] = _inside(plan, k, beyond[free]) & _inside(plan, k, p[free])
+                    hit[free] = _inside(plan, k, p[free] + offsets[0] * outward)
                     owner[hit] = k
-                chosen = np.flatnonzero(owner >= 0)
-                if not len(chosen):
-                    continue
-                flat_values, flat_valid = read_points(array, probes[chosen].reshape(-1, 3))
-                values = flat_values.reshape(-1, len(offsets))
-                valid = np.all(flat_valid.reshape(-1, len(offsets)), axis=1)
-                f = values[valid]
-                if not len(f):
-                    continue
-                excess = np.abs(f[:, 2] - f[:, 1]) - 0.5 * (
-                    np.abs(f[:, 1] - f[:, 0]) + np.abs(f[:, 3] - f[:, 2])
-                )
-                local = 0.5 * (np.abs(f[:, 1]) + np.abs(f[:, 2]))
-                owners = owner[chosen][valid]
-                for k in np.unique(owners):
-                    sel = owners == k
-                    key = (min(index, int(k)), max(index, int(k)))
-                    e, s, n = out.get(key, (0.0, 0.0, 0))
-                    out[key] = (
-                        e + float(excess[sel].sum()),
-                        s + float(local[sel].sum()),
-                        n + int(sel.sum()),
+                for k in np.unique(owner[owner >= 0]).tolist():
+                    found = _face_residuals(
+                        plan, image, arrays, index, k, p[owner == k], outward, offsets, grid
                     )
+                    if found is None:
+                        continue
+                    key = (min(index, k), max(index, k))
+                    e, s, n = out.get(key, (0.0, 0.0, 0))
+                    out[key] = (e + found[0], s + found[1], n + found[2])
     return out
+
+
+def _face_residuals(
+    plan: Plan,
+    image: Any,
+    arrays: OpenArrays,
+    index: int,
+    other: int,
+    points: NDArray[np.float64],
+    outward: NDArray[np.float64],
+    offsets: NDArray[np.float64],
+    grid: NDArray[np.float64],
+) -> tuple[float, float, int] | None:
+    """Summed |f - (α·k + β)| and summed f at the probes inside one face, and their count."""
+    beyond = (points[:, None, :] + offsets[None, :, None] * outward).reshape(-1, 3)
+    within = (points[:, None, :] - offsets[None, :, None] * outward).reshape(-1, 3)
+    values = {}
+    for name, probes, in_tile in (("beyond", beyond, False), ("within", within, True)):
+        usable = np.all((probes >= 0) & (probes <= grid - 1), axis=1)
+        usable &= _inside(plan, other, probes)
+        if in_tile:
+            usable &= _inside(plan, index, probes)
+        probes = probes[usable]
+        f, f_ok = read_points(image, probes)
+        tile = plan.tiles[other]
+        coords = geometry.transform_points(geometry.invert(tile.tile_to_output), probes)
+        coords = np.clip(coords, 0.0, np.asarray(tile.shape_zyx, dtype=np.float64) - 1)
+        t, t_ok = read_points(arrays.get(tile.source), coords)
+        ok = f_ok & t_ok
+        values[name] = (f[ok], t[ok])
+    f_out, t_out = values["beyond"]
+    f_in, t_in = values["within"]
+    if len(f_out) < 8 or not len(f_in):
+        return None
+    design = np.column_stack([t_out, np.ones(len(t_out))])
+    (alpha, beta), *_ = np.linalg.lstsq(design, f_out, rcond=None)
+    residual = np.abs(f_in - (alpha * t_in + beta))
+    return float(residual.sum()), float(np.abs(f_in).sum()), len(f_in)
 
 
 def seam_metrics(
@@ -198,7 +232,7 @@ def seam_metrics(
     *,
     store_path: str | Path,
     corrections: Mapping[str, TileIntensity] | None = None,
-    step: float = 1.0,
+    depth: float = 16.0,
     max_samples: int = 1024,
     points_per_face: int = 256,
     max_points: int = 65536,
@@ -213,8 +247,8 @@ def seam_metrics(
         The fused output group (its level 0 is read).
     corrections : mapping of tile name to TileIntensity, optional
         The intensity correction the fusion applied (adds ``ratio_corrected``).
-    step : float
-        ``h`` of :func:`seam_contrast`, output voxels.
+    depth : float
+        How far from each face :func:`seam_contrast` probes, output voxels.
     max_samples, points_per_face : int
         Bounds of the tile samples per pair and of the fused-image points
         per tile face.
@@ -228,7 +262,7 @@ def seam_metrics(
     -------
     dict
         ``pairs`` (tile names, ``samples``, ``ncc``, ``ratio``, maybe
-        ``ratio_corrected``, ``seam_points``, ``seam_contrast``) and
+        ``ratio_corrected``, ``seam_probes``, ``seam_contrast``) and
         ``summary``: ``pairs``, ``seam_contrast`` over every face point,
         ``ncc_min``, ``ratio_worst`` (the ratio farthest from 1, as
         ``max(r, 1/r)``), and ``ratio_corrected_worst``.
@@ -242,7 +276,7 @@ def seam_metrics(
     arrays = OpenArrays()
     fused = ArraySource("zarr", str(store_path), "0")
     per_face = max(16, min(points_per_face, max_points // max(6 * len(plan.tiles), 1)))
-    contrast = seam_contrast(plan, fused, step=step, points_per_face=per_face)
+    contrast = seam_contrast(plan, fused, depth=depth, points_per_face=per_face, arrays=arrays)
     overlapping = overlapping_pairs(plan)
     workers = max(1, threads if threads is not None else usable_cpus())
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -257,8 +291,8 @@ def seam_metrics(
         entry: dict[str, Any] = {"tiles": [names[pair[0]], names[pair[1]]]}
         entry.update(pair_agreement(samples, corrections=by_index))
         e, s, n = contrast.get(pair, (0.0, 0.0, 0))
-        entry["seam_points"] = n
-        entry["seam_contrast"] = max(0.0, e) / s if s > 0 else None
+        entry["seam_probes"] = n
+        entry["seam_contrast"] = e / s if s > 0 else None
         pairs.append(entry)
     total_e = sum(v[0] for v in contrast.values())
     total_s = sum(v[1] for v in contrast.values())
@@ -272,8 +306,8 @@ def seam_metrics(
         "pairs": pairs,
         "summary": {
             "pairs": len(pairs),
-            "seam_points": sum(v[2] for v in contrast.values()),
-            "seam_contrast": max(0.0, total_e) / total_s if total_s > 0 else None,
+            "seam_probes": sum(v[2] for v in contrast.values()),
+            "seam_contrast": total_e / total_s if total_s > 0 else None,
             "ncc_min": min(nccs) if nccs else None,
             "ratio_worst": worst("ratio"),
             "ratio_corrected_worst": worst("ratio_corrected"),
