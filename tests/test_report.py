@@ -250,3 +250,21 @@ def test_validation_table_lists_levels_problems_and_the_rerun():
     assert rows["warning"] == qc["warnings"][0]
     assert rows["rerun"].startswith("snakemake --forcerun")
     assert report.validation_tsv({"ok": True}).splitlines()[1] == "result\tpassed"
+
+
+def test_projections_read_slab_by_slab_match_the_volume_and_bound_the_read():
+    import zarr
+
+    rng = np.random.default_rng(1)
+    volume = rng.integers(0, 1000, size=(21, 18, 30)).astype(np.uint16)
+    array = zarr.create_array(store={}, shape=volume.shape, chunks=(4, 8, 8), dtype="uint16")
+    array[...] = volume
+    projections, stride = report._projections(array, max_voxels=volume.size)
+    assert stride == 1
+    for axis in range(3):
+        np.testing.assert_array_equal(projections[axis], volume.max(axis=axis))
+    projections, stride = report._projections(array, max_voxels=volume.size // 20)
+    assert stride == 3  # 7 x 6 x 10 voxels read
+    sampled = volume[::3, ::3, ::3]
+    for axis in range(3):
+        np.testing.assert_array_equal(projections[axis], sampled.max(axis=axis))

@@ -9,6 +9,7 @@ maximum-intensity projections, TSV for tables. The figure functions are pure
 from __future__ import annotations
 
 import json
+import logging
 import math
 import struct
 import zlib
@@ -31,12 +32,15 @@ __all__ = [
     "layout_svg",
     "mip_png",
     "png_grey",
+    "projection_png",
     "timing_rows",
     "timings_svg",
     "timings_tsv",
     "validation_tsv",
     "write_report_figures",
 ]
+
+log = logging.getLogger("tilefusion")
 
 # What write_report_figures writes; workflow/rules/report.smk declares the same names.
 REPORT_FILES = (
@@ -66,6 +70,8 @@ _MAX_ASPECT = 8.0
 _MIP_MIN_SIDE = 256
 # A MIP is made square-pixelled by repeating rows or columns, up to this many pixels.
 _MIP_MAX_PX = 2048
+# Voxels read for the MIPs at most (a level larger is read at a stride).
+_MIP_MAX_VOXELS = 1 << 27
 
 # A sequential palette (light to dark), interpolated for any number of counts.
 _PALETTE = ((0.93, 0.96, 0.99), (0.55, 0.78, 0.90), (0.20, 0.50, 0.75), (0.10, 0.20, 0.45))
@@ -377,15 +383,30 @@ def mip_png(
     data = np.asarray(volume)
     if data.ndim != 3:
         raise ValueError(f"volume must be 3D (z, y, x), not of shape {data.shape}")
-    if axis not in (0, 1, 2):
-        raise ValueError(f"axis must be 0, 1 or 2, not {axis!r}")
     if not data.size:
         raise ValueError("volume is empty")
-    mip = data.max(axis=axis).astype(np.float64)
+    if axis not in (0, 1, 2):
+        raise ValueError(f"axis must be 0, 1 or 2, not {axis!r}")
+    return projection_png(
+        data.max(axis=axis), axis=axis, spacing_zyx=spacing_zyx, percentiles=percentiles
+    )
+
+
+def projection_png(
+    projection: NDArray[Any],
+    *,
+    axis: int,
+    spacing_zyx: Sequence[float] | None = None,
+    percentiles: tuple[float, float] = (0.5, 99.8),
+) -> bytes:
+    """:func:`mip_png` of a projection already made (``volume.max(axis=axis)``)."""
+    if axis not in (0, 1, 2):
+        raise ValueError(f"axis must be 0, 1 or 2, not {axis!r}")
+    mip = np.asarray(projection, dtype=np.float64)
     if axis == 2:
         mip = mip.T  # (y, z): z across, y down, as the yz view beside the xy one
     values = mip[mip != 0]
-    out = np.zeros(mip.shape, dtype=np.uint8)
+    out: NDArray[np.uint8] = np.zeros(mip.shape, dtype=np.uint8)
     if values.size:
         lo, hi = np.percentile(values, percentiles)
         if hi <= lo:
@@ -405,6 +426,32 @@ def mip_png(
             factor = min(round(cols / rows), max(1, _MIP_MAX_PX // out.shape[1]))
             out = np.repeat(out, max(1, factor), axis=1)
     return png_grey(out)
+
+
+def _projections(array: Any, *, max_voxels: int) -> tuple[dict[int, NDArray[Any]], int]:
+    """The three maximum-intensity projections of a 3D array, read slab by slab in z.
+
+    An array of more than ``max_voxels`` voxels is read at every ``stride``-th
+    voxel along each axis (returned with the projections), so the time taken
+    is bounded even where a pyramid stops at a large level.
+    """
+    shape = tuple(int(n) for n in array.shape)
+    stride = max(1, math.ceil((math.prod(shape) / max_voxels) ** (1 / 3)))
+    while math.prod(-(-n // stride) for n in shape) > max_voxels:
+        stride += 1
+    chunk_z = int(getattr(array, "chunks", shape)[0]) or 1
+    # Whole chunks along z where the stride allows, each slab's planes a multiple of it.
+    step = stride * max(1, chunk_z // stride)
+    along_z: NDArray[Any] | None = None
+    along_y, along_x = [], []
+    for z0 in range(0, shape[0], step):
+        slab = np.asarray(array[z0 : min(z0 + step, shape[0]) : stride, ::stride, ::stride])
+        top = slab.max(axis=0)
+        along_z = top if along_z is None else np.maximum(along_z, top)
+        along_y.append(slab.max(axis=1))
+        along_x.append(slab.max(axis=2))
+    assert along_z is not None  # shape[0] >= 1
+    return {0: along_z, 1: np.concatenate(along_y), 2: np.concatenate(along_x)}, stride
 
 
 def benchmark_path(benchmarks_dir: str | Path, level: int, range_index: int) -> Path:
@@ -689,14 +736,18 @@ def write_report_figures(
             if row is not None:
                 benchmarks[key] = row
     k = _mip_level(plan)
-    volume = np.asarray(open_level(store_path, k, mode="r")[...])
+    projections, stride = _projections(
+        open_level(store_path, k, mode="r"), max_voxels=_MIP_MAX_VOXELS
+    )
+    if stride > 1:
+        log.info("MIPs from level %d at every %d-th voxel (a level this large)", k, stride)
     spacing = plan.levels[k].scale_zyx
     contents: dict[str, str | bytes] = {
         "layout_xy.svg": layout_svg(plan, plane="xy"),
         "layout_xz.svg": layout_svg(plan, plane="xz"),
-        "mip_xy.png": mip_png(volume, axis=0, spacing_zyx=spacing),
-        "mip_xz.png": mip_png(volume, axis=1, spacing_zyx=spacing),
-        "mip_yz.png": mip_png(volume, axis=2, spacing_zyx=spacing),
+        "mip_xy.png": projection_png(projections[0], axis=0, spacing_zyx=spacing),
+        "mip_xz.png": projection_png(projections[1], axis=1, spacing_zyx=spacing),
+        "mip_yz.png": projection_png(projections[2], axis=2, spacing_zyx=spacing),
         "timings.svg": timings_svg(markers, benchmarks),
         "timings.tsv": timings_tsv(markers, benchmarks),
         "validation.tsv": validation_tsv(qc_report),
