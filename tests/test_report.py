@@ -220,6 +220,9 @@ def test_timings_chart_has_a_bar_per_range_and_bins_many():
     root = ET.fromstring(report.timings_svg(many))
     bars = [r for r in root.iter(f"{SVG}rect") if r.get("class") == "bar"]
     assert len(bars) <= 2 * 400
+    # A bar is the mean of neighbouring ranges of one level.
+    bars = report._bars([1.0] * 5 + [2.0, 4.0, None], [0] * 5 + [1] * 3, n_bars=4)
+    assert bars == [(1.0, 0), (1.0, 0), (1.0, 0), (3.0, 1), (0.0, 1)]
 
 
 def test_validation_table_lists_levels_problems_and_the_rerun():

@@ -564,12 +564,17 @@ def timings_tsv(
 def _bars(
     values: Sequence[float | None], levels: Sequence[int], *, n_bars: int
 ) -> list[tuple[float, int]]:
-    """Bars of at most ``n_bars``: the mean of each run of ranges (one level per bar)."""
+    """About ``n_bars`` bars: the mean of each run of ranges, never across levels."""
     size = max(1, -(-len(values) // n_bars))
     bars = []
-    for start in range(0, len(values), size):
-        chunk = [v for v in values[start : start + size] if v is not None]
-        bars.append((sum(chunk) / len(chunk) if chunk else 0.0, levels[start]))
+    start = 0
+    while start < len(values):
+        stop = start + 1
+        while stop < len(values) and stop - start < size and levels[stop] == levels[start]:
+            stop += 1
+        known = [v for v in values[start:stop] if v is not None]
+        bars.append((sum(known) / len(known) if known else 0.0, levels[start]))
+        start = stop
     return bars
 
 
