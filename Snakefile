@@ -1,9 +1,19 @@
+from pathlib import Path
+
 from snakemake.utils import min_version
 
-min_version("9.0")
+min_version("9.20")
 
 
-configfile: "config/config.yaml"
+# A deployed workflow's own config/config.yaml (the catalog layout), else the
+# bundled one; --configfile and a host's module config come on top of it.
+if Path("config/config.yaml").exists():
+
+    configfile: "config/config.yaml"
+
+else:
+
+    configfile: workflow.source_path("config/config.yaml")
 
 
 include: "workflow/rules/common.smk"

@@ -107,3 +107,93 @@ def test_the_demo_workflow_runs_on_the_installed_engine(installed, tmp_path):
     assert report["ok"]
     logs = (tmp_path / "logs/tilefusion/fused/plan.log").read_text()
     assert "planned" in logs
+
+
+HOST_SNAKEFILE = """\
+TILEFUSION = {snakefile!r}
+
+
+module fuse_a:
+    snakefile:
+        TILEFUSION
+    config:
+        config["a"]
+    prefix:
+        "a"
+
+
+use rule * from fuse_a as a_*
+
+
+module fuse_b:
+    snakefile:
+        TILEFUSION
+    config:
+        config["b"]
+    prefix:
+        "b"
+
+
+use rule * from fuse_b as b_*
+
+
+rule all:
+    default_target: True
+    input:
+        "shapes.txt",
+
+
+# A facility's own downstream step: it reads the fused images once complete.
+rule shapes:
+    input:
+        a="a/results/fused.ome.zarr/.tilefusion-complete.json",
+        b="b/results/other.ome.zarr/.tilefusion-complete.json",
+    output:
+        "shapes.txt",
+    run:
+        import zarr
+
+        with open(output[0], "w") as out:
+            for flag in input:
+                image = zarr.open_group(str(flag).rsplit("/", 1)[0], mode="r")
+                print(flag, image["0"].shape, file=out)
+"""
+
+
+@pytest.mark.skipif(shutil.which("snakemake") is None, reason="snakemake not installed")
+def test_a_host_workflow_uses_two_module_instances_with_prefixes(installed, tmp_path):
+    # Instance a: the bundled demo under its prefix. Instance b: a dataset of the
+    # host's, by a path relative to the host's working directory (not prefixed).
+    cli = shutil.which("tilefusion", path=installed["PATH"])
+    made = subprocess.run([cli, "demo", "data/b/dataset.xml"], cwd=tmp_path, env=installed)
+    assert made.returncode == 0
+    (tmp_path / "Snakefile").write_text(HOST_SNAKEFILE.format(snakefile=str(ROOT / "Snakefile")))
+    small = {"output": {"pyramid_levels": 2}}
+    host_config = {
+        "a": {"demo": True, "dataset": "resources/demo/dataset.xml", **small},
+        "b": {
+            "dataset": "data/b/dataset.xml",
+            "output": {"path": "results/other.ome.zarr", "pyramid_levels": 2},
+        },
+    }
+    (tmp_path / "host.yaml").write_text(json.dumps(host_config))
+    result = subprocess.run(
+        ["snakemake", "--cores", "2", "--configfile", "host.yaml"],
+        cwd=tmp_path,
+        env=installed,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (tmp_path / "shapes.txt").read_text().splitlines()
+    assert len(lines) == 2
+    # Everything each instance made is under its prefix; the host's data stay put.
+    assert (tmp_path / "a/resources/demo/dataset.xml").is_file()
+    assert not (tmp_path / "resources").exists()
+    for prefix, name in (("a", "fused"), ("b", "other")):
+        assert (tmp_path / prefix / f"results/tilefusion/{name}/qc_report.json").is_file()
+        assert (tmp_path / prefix / f"logs/tilefusion/{name}/plan.log").is_file()
+    assert not (tmp_path / "results").exists() and not (tmp_path / "b/data").exists()
+    flag = json.loads((tmp_path / "b/results/other.ome.zarr/.tilefusion-complete.json").read_text())
+    assert flag["ok"] and flag["levels"] == 2

@@ -40,6 +40,30 @@ def _fill_defaults(node: dict[str, Any], sub_schema: Mapping[str, Any]) -> None:
             _fill_defaults(node[key], prop)
 
 
+def without_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` less every key whose value is the schema's default (recursively).
+
+    What a setting's hash is made of: a key added to the schema later, at its
+    default, then leaves the hashes of existing configurations unchanged.
+    """
+    return _strip_defaults(config, schema())
+
+
+def _strip_defaults(node: Mapping[str, Any], sub_schema: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    properties = sub_schema.get("properties", {})
+    for key, value in node.items():
+        prop = properties.get(key, {})
+        if isinstance(value, Mapping) and prop.get("type") == "object":
+            value = _strip_defaults(value, prop)
+            if not value:
+                continue
+        elif "default" in prop and value == prop["default"]:
+            continue
+        out[key] = value
+    return out
+
+
 def _key_path(error: jsonschema.ValidationError) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "(top level)"
 
@@ -121,6 +145,9 @@ def load_config(raw: Mapping[str, Any] | None, *, source: str = "config") -> dic
 
 MIN_CHUNK_VOXELS = 4096
 """Smallest chunk a run may ask for: below it, per-object costs swamp the work."""
+
+DEMO_DATASET = "resources/demo/dataset.xml"
+"""Where the bundled demo is generated (``demo: true``), relative to the working directory."""
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 

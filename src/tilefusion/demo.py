@@ -21,11 +21,11 @@ import zarr
 from numpy.typing import NDArray
 
 from tilefusion import geometry
+from tilefusion.config import DEMO_DATASET
 from tilefusion.readers.base import ArraySource, Dataset, View
 
 __all__ = ["DEMO_DATASET", "DemoSpec", "demo_dataset", "ground_truth", "write_demo"]
 
-DEMO_DATASET = "resources/demo/dataset.xml"
 """Where the workflow generates the demo (``demo: true``), relative to its working directory."""
 
 _RNG_SEED = 7

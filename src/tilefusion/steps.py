@@ -19,17 +19,21 @@ from pathlib import Path
 from typing import Any
 
 from tilefusion.atomic import write_json_atomic
-from tilefusion.config import config_digest, load_config
+from tilefusion.config import DEMO_DATASET, config_digest, load_config, without_defaults
 from tilefusion.errors import InputError
 from tilefusion.plan import Plan, make_plan, post_transform_affine, read_plan, write_manifest
 from tilefusion.readers.base import Dataset
 
 __all__ = [
+    "COMPLETION_FLAG",
     "assemble",
     "check_output_path",
     "check_state_owner",
+    "completion_flag",
     "demo_requested",
     "downsample",
+    "downsample_memory_mb",
+    "downsample_runtime_min",
     "fuse",
     "fuse_memory_mb",
     "fuse_runtime_min",
@@ -46,6 +50,8 @@ __all__ = [
     "state_name",
     "store_identity",
     "validate",
+    "validate_memory_mb",
+    "validate_runtime_min",
     "write_json",
     "write_plan",
 ]
@@ -107,8 +113,13 @@ computed other values is not resumed with this one.
 
 
 def store_identity(config: Mapping[str, Any]) -> str:
-    """Hash of every setting that changes the stored bytes (and the engine's semantics)."""
+    """Hash of every setting that changes the stored bytes (and the engine's semantics).
+
+    Settings at their schema default are left out, so that a key added in a
+    later version (at its default) does not disown outputs begun before it.
+    """
     chosen: dict[str, Any] = {"engine": ENGINE_SEMANTICS}
+    config = without_defaults(config)
     for key in _IDENTITY_KEYS:
         value = config.get(key)
         if isinstance(value, dict):
@@ -124,26 +135,24 @@ def plan_settings_digest(config: Mapping[str, Any]) -> str:
     )
 
 
-def demo_requested(config: Mapping[str, Any]) -> bool:
+def demo_requested(config: Mapping[str, Any], *, demo_path: str | None = None) -> bool:
     """Whether this run is to generate the bundled demo: ``demo`` set, at its own path.
 
     The bundled config sets ``demo``; merged with a user's config that names
-    another dataset it must not make synthetic data at that path.
+    another dataset it must not make synthetic data at that path. The demo's
+    path is ``demo_path``, by default :data:`tilefusion.config.DEMO_DATASET`
+    (a workflow used as a module with a ``prefix`` has it under the prefix).
     """
-    from tilefusion.demo import DEMO_DATASET
-
     if not config.get("demo"):
         return False
-    return Path(config["dataset"]).resolve() == Path(DEMO_DATASET).resolve()
+    return Path(config["dataset"]).resolve() == Path(demo_path or DEMO_DATASET).resolve()
 
 
-def _missing_dataset(config: Mapping[str, Any]) -> InputError:
-    from tilefusion.demo import DEMO_DATASET
-
+def _missing_dataset(config: Mapping[str, Any], demo_path: str | None) -> InputError:
     path = Path(config["dataset"])
     where = "" if path.is_absolute() else f" (resolved against the working directory {os.getcwd()})"
     hint = (
-        f"; demo: true generates the bundled demo only at {DEMO_DATASET}"
+        f"; demo: true generates the bundled demo only at {demo_path or DEMO_DATASET}"
         if config.get("demo")
         else ""
     )
@@ -160,24 +169,27 @@ def _one_value(what: str, values: set[int], source: str) -> None:
         )
 
 
-def load_dataset(config: Mapping[str, Any], *, metadata_only: bool = True) -> Dataset:
+def load_dataset(
+    config: Mapping[str, Any], *, metadata_only: bool = True, demo_path: str | None = None
+) -> Dataset:
     """Read the configured dataset and apply the selection.
 
     When the dataset file is missing and the demo is requested (see
-    :func:`demo_requested`), the demo's views are returned as the demo step
-    will write them. The selection must name one timepoint and one channel.
+    :func:`demo_requested`, which takes ``demo_path``), the demo's views are
+    returned as the demo step will write them. The selection must name one
+    timepoint and one channel.
     """
     from tilefusion.readers import read_dataset
 
     path = Path(config["dataset"])
     if path.exists():
         dataset = read_dataset(path)
-    elif demo_requested(config):
+    elif demo_requested(config, demo_path=demo_path):
         from tilefusion.demo import demo_dataset
 
         dataset = demo_dataset(path)
     else:
-        raise _missing_dataset(config)
+        raise _missing_dataset(config, demo_path)
     selection = dict(config.get("selection") or {})
     # One timepoint and channel per run: default to the first of each among
     # the views the rest of the selection names.
@@ -213,15 +225,17 @@ def plan_from_config(
     source: str = "config",
     metadata_only: bool = True,
     use_stored_levels: bool = True,
+    demo_path: str | None = None,
 ) -> Plan:
     """Plan the run a configuration describes (reads metadata only by default).
 
     ``use_stored_levels=False`` skips choosing each tile's stored pyramid
     level (which opens the tiles' containers): the grid and its ranges do
     not depend on it, so a job process that needs only those passes it.
+    ``demo_path`` is where the demo is generated (see :func:`demo_requested`).
     """
     config = load_config(config, source=source)
-    dataset = load_dataset(config, metadata_only=metadata_only)
+    dataset = load_dataset(config, metadata_only=metadata_only, demo_path=demo_path)
     output = config["output"]
     fusion = config["fusion"]
     post = post_transform_affine(fusion["post_transforms"], source=source)
@@ -305,7 +319,11 @@ def _output_dtype(config: Mapping[str, Any], plan: Plan) -> str:
 
 
 def plan_for_run(
-    config: Mapping[str, Any], *, main_process: bool = True, protected: Sequence[str] = ()
+    config: Mapping[str, Any],
+    *,
+    main_process: bool = True,
+    protected: Sequence[str] = (),
+    demo_path: str | None = None,
 ) -> Plan:
     """The plan a workflow run is built on, after everything checked before any job.
 
@@ -316,7 +334,12 @@ def plan_for_run(
     config files). Job processes only need the plan's shape of ranges.
     """
     opens_tiles = main_process and Path(config["dataset"]).exists()
-    plan = plan_from_config(config, metadata_only=not opens_tiles, use_stored_levels=main_process)
+    plan = plan_from_config(
+        config,
+        metadata_only=not opens_tiles,
+        use_stored_levels=main_process,
+        demo_path=demo_path,
+    )
     if main_process:
         check_output_path(config, plan=plan, protected=protected)
     return plan
@@ -370,6 +393,8 @@ def prepare(config: Mapping[str, Any], *, plan_path: str, record_path: str) -> d
         raise InputError(
             output["path"], "output.path", f"cannot write ({exc.strerror or exc})"
         ) from None
+    # A new or resumed output is not complete until validate says so again.
+    Path(completion_flag(output["path"])).unlink(missing_ok=True)
     log.info("output %s: %s (%s, %s)", output["path"], outcome, output["format"], dtype)
     record = {"store": str(Path(output["path"]).resolve()), "outcome": outcome, "dtype": dtype}
     write_json(record_path, record)
@@ -428,6 +453,10 @@ def plan_and_prepare(
     if inputs_record:
         refresh_inputs_record(inputs_record, config, plan)
     _write_plan_files(plan, plan_path=plan_path, manifest_path=manifest_path)
+    from tilefusion.summary import estimate_run, format_estimate
+
+    for line in format_estimate(estimate_run(plan, dtype=_output_dtype(config, plan))).split("\n"):
+        log.info("%s", line.strip())
     return prepare(config, plan_path=plan_path, record_path=record_path)
 
 
@@ -599,6 +628,20 @@ def rerun_command(
     return shlex.join(["snakemake", "--cores", "all", "--force", *forced, target])
 
 
+COMPLETION_FLAG = ".tilefusion-complete.json"
+"""File inside the output that validate writes last, when every check passed.
+
+A host workflow's rule depends on it (``<output>/.tilefusion-complete.json``):
+the output itself is a folder that many jobs write into, so it cannot be a
+declared Snakemake output; the flag can. Viewers and Zarr readers ignore it.
+"""
+
+
+def completion_flag(output_path: str | Path) -> str:
+    """Path of the completion flag of the output at ``output_path``."""
+    return f"{str(output_path).rstrip('/')}/{COMPLETION_FLAG}"
+
+
 def validate(
     config: Mapping[str, Any],
     *,
@@ -608,12 +651,14 @@ def validate(
     target: str = "",
     decode_all: bool = False,
     assemble_record: str | None = None,
+    flag_path: str | None = None,
 ) -> dict[str, Any]:
     """Check the output against every marker and the NGFF metadata; write the report.
 
     ``assemble_record`` is the output of the assemble step, forced in the
     rerun command when the Zarr or the OME-NGFF metadata is damaged (that step
-    mends both).
+    mends both). When every check passes, the completion flag is written
+    (``flag_path``, by default :func:`completion_flag` of the output) last.
 
     Raises
     ------
@@ -662,6 +707,10 @@ def validate(
             "validation",
             f"{len(report['problems'])} problem(s), first: {first}{hint}",
         )
+    # No paths or times: the same data give the same bytes, wherever they are.
+    flag = {"ok": True, "identity": plan.settings.get("identity"), "levels": len(plan.levels)}
+    write_json(flag_path or completion_flag(config["output"]["path"]), flag)
+    log.info("validated: %s", config["output"]["path"])
     return report
 
 
@@ -683,6 +732,39 @@ def fuse_runtime_min(plan: Plan, *, attempt: int = 1) -> int:
     """Minutes a fuse job asks for, at a pessimistic 2 Mvoxel/s, doubled on each retry."""
     voxels = plan.grid.max_range_voxels()
     return int(max(10, math.ceil(voxels / 2e6 / 60 * 3)) * 2 ** (attempt - 1))
+
+
+def downsample_memory_mb(plan: Plan, level: int, *, threads: int = 4, attempt: int = 1) -> int:
+    """Memory a downsample job of ``level`` asks for, doubled on each retry.
+
+    Each thread holds a shard of the level below (its factor times the shard)
+    in the stored type and as float32, and the shard it writes.
+    """
+    shard = math.prod(plan.levels[level].shards_zyx)
+    below = shard * math.prod(plan.levels[level].factor_zyx)
+    working = 400 * 2**20 + max(threads, 1) * (below * (2 + 4) + shard * 2)
+    return int(math.ceil(working / 2**20) * 2 ** (attempt - 1))
+
+
+def downsample_runtime_min(plan: Plan, level: int, *, attempt: int = 1) -> int:
+    """Minutes a downsample job asks for, at a pessimistic 5 Mvoxel/s read."""
+    grid = plan.levels[level]
+    voxels = grid.max_range_voxels() * math.prod(grid.factor_zyx)
+    return int(max(10, math.ceil(voxels / 5e6 / 60)) * 2 ** (attempt - 1))
+
+
+def validate_memory_mb(plan: Plan, *, threads: int = 4, attempt: int = 1) -> int:
+    """Memory validate asks for: one stored object per hashing thread, and the interpreter."""
+    biggest = math.prod(plan.grid.shards_zyx) * 8
+    working = 500 * 2**20 + max(threads, 1) * biggest
+    return int(math.ceil(working / 2**20) * 2 ** (attempt - 1))
+
+
+def validate_runtime_min(plan: Plan, *, threads: int = 4, attempt: int = 1) -> int:
+    """Minutes validate asks for: every stored byte hashed at a pessimistic 100 MB/s per thread."""
+    stored = sum(math.prod(level.shape_zyx) for level in plan.levels) * 8
+    minutes = stored / (100e6 * max(threads, 1)) / 60
+    return int(max(10, math.ceil(minutes * 2)) * 2 ** (attempt - 1))
 
 
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}

@@ -13,9 +13,10 @@ rule downsample:
         level=r"[1-9]\d*",
     conda:
         "../../envs/tilefusion.yaml"
-    threads: 4
+    threads: JOB_THREADS
     resources:
-        mem_mb=get_fuse_mem_mb,
+        mem_mb=get_downsample_mem_mb,
+        runtime=get_downsample_runtime,
     script:
         "../scripts/downsample.py"
 

@@ -1,17 +1,56 @@
+import os
 import sys
 from pathlib import Path
 
 from tilefusion import steps
-from tilefusion.config import load_config
+from tilefusion.config import DEMO_DATASET, load_config
 from tilefusion.errors import InputError
 from tilefusion.plan import source_ranges
+from tilefusion.summary import estimate_run, format_estimate
+
+# Cores of each fuse and downsample job (Snakemake scales them down with --cores).
+JOB_THREADS = 4
+
 
 # Users' mistakes stop the run here, before any job, with one line naming the
 # file and field; the plan is made from metadata only, so every fuse job is in
 # the DAG (and in `snakemake -n`) from the start. Tiles and the output are
 # checked once, by the main process, not again inside every job.
+def use_engine_of_this_workflow():
+    # Under --sdm conda the environments hold the engine's dependencies only;
+    # the engine is this workflow's own src/, put first on the path that every
+    # job's Python inherits, so that rules and engine are always one version.
+    from snakemake.settings.types import DeploymentMethod
+
+    rules = str(workflow.current_basedir.get_path_or_uri(secret_free=True))  # or a URL
+    source = Path(rules).parent.parent / "src"
+    methods = workflow.deployment_settings.deployment_method
+    if DeploymentMethod.CONDA in methods and (source / "tilefusion").is_dir():
+        paths = [
+            str(source),
+            *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)),
+        ]
+        os.environ.update(PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
+
+
+use_engine_of_this_workflow()
+
+
+def made_here(path):
+    # Where Snakemake puts a relative path of this workflow's rules: under the
+    # module's prefix when a host workflow uses it as a module, else as given.
+    return str(workflow.modifier.path_modifier.replace_prefix(str(path)))
+
+
 try:
     config.update(load_config(config, source="config"))
+    # The demo and the output are made by this workflow, so they follow a
+    # module's prefix; a dataset of the user's is read where the user said.
+    DEMO = steps.demo_requested(config)
+    if DEMO:
+        config["dataset"] = made_here(DEMO_DATASET)
+    OUTPUT = str(config["output"]["path"])  # as a rule declares it
+    config["output"]["path"] = made_here(OUTPUT)  # where the jobs write
     # Per output, so that two configurations in one working directory keep apart.
     STATE = steps.state_name(config)
     RESULTS = f"results/tilefusion/{STATE}"
@@ -24,21 +63,29 @@ try:
     QC_REPORT = f"{RESULTS}/qc_report.json"
     MARKERS = f"{RESULTS}/markers"
     INPUTS_RECORD = f"{RESULTS}/inputs.json"
+    COMPLETE_FLAG = steps.completion_flag(OUTPUT)
     PLAN = steps.plan_for_run(
         config,
         main_process=workflow.is_main_process,
-        protected=[*map(str, workflow.configfiles), RESULTS, LOGS],
+        protected=[
+            *map(str, workflow.configfiles),
+            made_here(RESULTS),
+            made_here(LOGS),
+        ],
+        demo_path=config["dataset"] if DEMO else None,
     )
     # Rewritten when a tile changed since the plan, so the plan reruns; a dry
     # run writes nothing (the inputs_record rule makes a missing one).
     if workflow.is_main_process:
-        steps.check_state_owner(INPUTS_RECORD, config)
+        # The bill before any job is submitted (dry runs too).
+        print(format_estimate(estimate_run(PLAN, threads=JOB_THREADS)), file=sys.stderr)
+        steps.check_state_owner(made_here(INPUTS_RECORD), config)
         # At parse time only the output settings know of -n.
         dry_run = workflow.output_settings.dryrun
         changed = steps.refresh_inputs_record(
-            INPUTS_RECORD, config, PLAN, write=not dry_run
+            made_here(INPUTS_RECORD), config, PLAN, write=not dry_run
         )
-        if dry_run and changed and Path(INPUTS_RECORD).exists():
+        if dry_run and changed and Path(made_here(INPUTS_RECORD)).exists():
             print(
                 "tilefusion: the dataset or its tiles changed since they were "
                 "planned: a run will plan and fuse again",
@@ -54,7 +101,7 @@ wildcard_constraints:
 
 
 def get_final_output():
-    return [QC_REPORT]
+    return [QC_REPORT, COMPLETE_FLAG]
 
 
 def get_plan_settings():
@@ -63,7 +110,10 @@ def get_plan_settings():
 
 
 def get_dataset():
-    return config["dataset"]
+    if DEMO:
+        return DEMO_DATASET  # a relative path of ours: Snakemake adds the prefix
+    # The user's file, never under a module's prefix.
+    return local(config["dataset"])
 
 
 def get_level_markers(level):
@@ -93,6 +143,31 @@ def get_fuse_mem_mb(wildcards, attempt):
 
 def get_fuse_runtime(wildcards, attempt):
     return steps.fuse_runtime_min(PLAN, attempt=attempt)
+
+
+def get_downsample_mem_mb(wildcards, threads, attempt):
+    return steps.downsample_memory_mb(
+        PLAN, int(wildcards.level), threads=threads, attempt=attempt
+    )
+
+
+def get_downsample_runtime(wildcards, attempt):
+    return steps.downsample_runtime_min(PLAN, int(wildcards.level), attempt=attempt)
+
+
+def get_validate_mem_mb(wildcards, threads, attempt):
+    return steps.validate_memory_mb(PLAN, threads=threads, attempt=attempt)
+
+
+def get_validate_runtime(wildcards, threads, attempt):
+    return steps.validate_runtime_min(PLAN, threads=threads, attempt=attempt)
+
+
+def get_fuse_env():
+    # A CUDA build of torch only where fusion.device asks for a GPU.
+    if str(config["fusion"]["device"]).startswith("cuda"):
+        return "../../envs/tilefusion-gpu.yaml"
+    return "../../envs/tilefusion.yaml"
 
 
 def get_fuse_gpus(wildcards):

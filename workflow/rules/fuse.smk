@@ -9,8 +9,8 @@ rule fuse:
     benchmark:
         f"{BENCHMARKS}/fuse/range{{range}}.tsv"
     conda:
-        "../../envs/tilefusion.yaml"
-    threads: 4
+        get_fuse_env()
+    threads: JOB_THREADS
     resources:
         mem_mb=get_fuse_mem_mb,
         runtime=get_fuse_runtime,

@@ -1,10 +1,12 @@
-if steps.demo_requested(config):
+if DEMO:
 
     rule demo_dataset:
         output:
             get_dataset(),
         log:
             f"{LOGS}/demo_dataset.log",
+        # A few MB of synthetic tiles: not worth a cluster queue.
+        localrule: True
         conda:
             "../../envs/tilefusion.yaml"
         script:

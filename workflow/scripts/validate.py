@@ -8,4 +8,5 @@ run_logged(
     markers_dir=snakemake.params.markers_dir,
     report_path=snakemake.output.report,
     assemble_record=snakemake.input.assembled,
+    flag_path=snakemake.output.complete,
 )
