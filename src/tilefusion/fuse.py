@@ -84,9 +84,17 @@ def tile_crop_bounds(
         touches. None when the box misses the tile.
     """
     out_to_tile = geometry.invert(tile.tile_to_output) @ geometry.translation(lo)
-    extent = np.asarray(hi, dtype=np.float64) - np.asarray(lo) - 1.0
-    corners = geometry.box_corners(extent + 1.0)
-    pts = geometry.transform_points(out_to_tile, corners)
+    if tile.warp is not None:
+        # Not affine: the box bounds the block through the tile's inverse map
+        # (displacements included); the kernel gets exact per-voxel coordinates.
+        bound_lo, bound_hi = tile.output_to_tile().bounds(
+            np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64) - 1.0
+        )
+        pts = np.stack([bound_lo, bound_hi])
+    else:
+        extent = np.asarray(hi, dtype=np.float64) - np.asarray(lo) - 1.0
+        corners = geometry.box_corners(extent + 1.0)
+        pts = geometry.transform_points(out_to_tile, corners)
     size = np.asarray(tile.shape_zyx)
     crop_lo = np.maximum(np.floor(pts.min(axis=0)), 0).astype(int)
     crop_hi = np.minimum(np.floor(pts.max(axis=0)) + 2, size).astype(int)
@@ -235,6 +243,8 @@ def _fuse_box(
         )
     if not crops:
         return np.zeros(shape, dtype=np.float32)
+    if any(tile.warp is not None for tile, *_ in bounds):
+        return _fuse_warped(bounds, crops, lo, shape, options)  # type: ignore[arg-type]
     return fuse_block(
         crops,
         shape,  # type: ignore[arg-type]
@@ -245,6 +255,36 @@ def _fuse_box(
         # shards. On a GPU the threads overlap tile reads and shard writes with
         # the kernel, and torch's CPU thread setting is left alone.
         threads=1 if _on_cpu(options.device) else None,
+    )
+
+
+def _fuse_warped(
+    bounds: Sequence[tuple[PlannedTile, Any, Shape3, Shape3]],
+    crops: Sequence[TileCrop],
+    lo: Shape3,
+    shape: Shape3,
+    options: FusionOptions,
+) -> NDArray[np.float32]:
+    """The general path: tile coordinates computed per block (see kernel.mapped)."""
+    from tilefusion.kernel import select_device
+    from tilefusion.kernel.mapped import fuse_mapped
+    from tilefusion.transforms import block_coordinates
+
+    device = "cpu" if _on_cpu(options.device) else select_device(options.device)
+    coordinates = [
+        None
+        if tile.warp is None
+        else block_coordinates(tile.output_to_tile(), lo, shape, device=device)
+        for tile, *_ in bounds
+    ]
+    return fuse_mapped(
+        crops,
+        coordinates,
+        shape,
+        interpolation=options.interpolation,
+        blending=options.blending,
+        backend="numba" if device == "cpu" else "torch",
+        device=device,
     )
 
 

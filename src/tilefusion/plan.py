@@ -38,7 +38,14 @@ from tilefusion.atomic import write_text_atomic
 from tilefusion.errors import InputError
 from tilefusion.readers.arrays import StoredLevel, open_array, stored_levels
 from tilefusion.readers.base import ArraySource, Dataset, View
-from tilefusion.transforms import ParseContext, parse_transform, unit_affine
+from tilefusion.transforms import (
+    Affine,
+    ParseContext,
+    Transform,
+    parse_transform,
+    transform_from_json,
+    unit_affine,
+)
 from tilefusion.transforms import Sequence as Chain
 
 __all__ = [
@@ -98,6 +105,13 @@ class PlannedTile:
     level : int
         The tile's stored resolution level read (0: full resolution; see
         :func:`make_plan`). Plans without it are of level 0.
+    warp : dict or None
+        Where the tile's transform is not affine (a displacement field): the
+        whole map from the level's voxel indices to output voxel indices, as
+        a transform spec (:meth:`tilefusion.transforms.Transform.to_spec`);
+        ``tile_to_output`` is then its affine part (for scales: blending
+        ramps, stored levels) and the box bounds the map itself. None (and
+        absent from the JSON) for affine tiles.
     """
 
     name: str
@@ -110,9 +124,10 @@ class PlannedTile:
     box_lo: Float3
     box_hi: Float3
     level: int = 0
+    warp: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "setup": self.setup,
             "timepoint": self.timepoint,
@@ -124,6 +139,9 @@ class PlannedTile:
             "box_hi": list(self.box_hi),
             "level": self.level,
         }
+        if self.warp is not None:
+            out["warp"] = self.warp
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PlannedTile:
@@ -138,7 +156,23 @@ class PlannedTile:
             box_lo=_float3(data["box_lo"]),
             box_hi=_float3(data["box_hi"]),
             level=int(data.get("level", 0)),
+            warp=data.get("warp"),
         )
+
+    def output_to_tile(self) -> Transform:
+        """The map from output voxel indices to this tile's voxels (inverse of its warp).
+
+        Built once per process and tile (displacement fields are read then).
+        """
+        if self.warp is None:
+            return Affine(geometry.invert(self.tile_to_output))
+        return _warp_inverse(self.name, json.dumps(self.warp, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=256)
+def _warp_inverse(name: str, spec: str) -> Transform:
+    del name  # part of the key only
+    return transform_from_json(json.loads(spec)).inverse()
 
 
 @dataclass(frozen=True)
@@ -774,6 +808,7 @@ def make_plan(
 
     to_grid_units = []
     corners = []
+    warps: list[Chain | None] = []
     for view in dataset.views:
         model = geometry.check_affine(
             view.model, source=source, field=f"ViewRegistration of {view.name}"
@@ -782,11 +817,21 @@ def make_plan(
             # World -> grid units in one factor; at a resolution equal to the
             # world unit the factor is exactly 1 and the box is BigStitcher's,
             # computed in world coordinates.
-            affine = geometry.scale(grid_factor) @ model
+            to_grid = geometry.scale(grid_factor)
         else:
-            affine = geometry.scale(1.0 / resolution) @ post @ geometry.scale(world) @ model
+            to_grid = geometry.scale(1.0 / resolution) @ post @ geometry.scale(world)
+        affine = to_grid @ model
         to_grid_units.append(affine)
-        corners.append(geometry.transform_points(affine, geometry.box_corners(view.shape_zyx)))
+        chain = view.transform
+        if isinstance(chain, Chain) and chain.as_affine() is None:
+            # Not affine: the box bounds the chain itself (displacements included).
+            view_warp = Chain([Affine(to_grid), chain])
+            warps.append(view_warp)
+            lo, hi = view_warp.bounds(np.zeros(3), np.asarray(view.shape_zyx, dtype=float) - 1.0)
+            corners.append(np.stack([lo, hi]))
+        else:
+            warps.append(None)
+            corners.append(geometry.transform_points(affine, geometry.box_corners(view.shape_zyx)))
     all_corners = np.concatenate(corners)
     index_lo = np.floor(all_corners.min(axis=0))
     index_hi = np.ceil(all_corners.max(axis=0))
@@ -795,7 +840,7 @@ def make_plan(
 
     shift = geometry.translation(-index_lo)
     tiles = []
-    for view, affine, pts in zip(dataset.views, to_grid_units, corners):
+    for view, affine, pts, warp in zip(dataset.views, to_grid_units, corners, warps):
         tile_shape = _shape3(view.shape_zyx)
         level = 0
         tile_source = view.source
@@ -804,7 +849,14 @@ def make_plan(
             if stored.index:
                 level, tile_source = stored.index, stored.source
                 affine = affine @ stored.to_level0
-                pts = geometry.transform_points(affine, geometry.box_corners(tile_shape))
+                if warp is None:
+                    pts = geometry.transform_points(affine, geometry.box_corners(tile_shape))
+                else:
+                    warp = Chain([*warp.items, Affine(stored.to_level0)])
+                    pts = np.stack(warp.bounds(np.zeros(3), np.asarray(tile_shape, float) - 1.0))
+        warp_spec = None
+        if warp is not None:
+            warp_spec = Chain([Affine(shift), *warp.items]).to_spec()
         lo = pts.min(axis=0) - index_lo
         hi = pts.max(axis=0) - index_lo
         tiles.append(
@@ -819,6 +871,7 @@ def make_plan(
                 box_lo=_float3(lo),
                 box_hi=_float3(hi),
                 level=level,
+                warp=warp_spec,
             )
         )
     coarse = [t for t in tiles if t.level]

@@ -69,6 +69,7 @@ __all__ = [
     "Sequence",
     "Transform",
     "anisotropy_matrix",
+    "block_coordinates",
     "chain_calibration",
     "deskew_matrix",
     "parse_chain",
@@ -1145,3 +1146,100 @@ def transform_points_in_zarr(
             f"needs a list of {transform.ndim}-element points, got shape {list(points.shape)}",
         )
     return [[float(v) for v in row] for row in transform.apply(points)]
+
+
+# ---------------------------------------------------------------------------
+# sampling maps: coordinates per block
+
+
+def block_coordinates(
+    output_to_tile: Transform,
+    lo_zyx: SequenceABC[int],
+    shape_zyx: SequenceABC[int],
+    *,
+    device: str | None = None,
+) -> NDArray[np.float64]:
+    """Tile coordinates of every voxel of an output block: a ``(3, Z, Y, X)`` array.
+
+    ``output_to_tile`` maps output voxel indices (level 0) to tile voxel
+    indices; the block's voxels are ``lo + (k, j, i)``. On a CUDA ``device``
+    the transforms that can (affines, displacement fields and their numeric
+    inverses) are evaluated there with torch (float64); others on the CPU.
+    """
+    axes = [np.arange(n, dtype=np.float64) + a for a, n in zip(lo_zyx, shape_zyx)]
+    shape = tuple(int(n) for n in shape_zyx)
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        grid = torch.meshgrid(*[torch.as_tensor(a, device=device) for a in axes], indexing="ij")
+        pts = torch.stack([g.reshape(-1) for g in grid], dim=1)
+        out = _apply_torch(output_to_tile, pts)
+        return np.ascontiguousarray(out.T.reshape((3, *shape)).cpu().numpy())
+    grid_np = np.meshgrid(*axes, indexing="ij")
+    pts_np = np.stack([g.ravel() for g in grid_np], axis=1)
+    return np.ascontiguousarray(output_to_tile.apply(pts_np).T.reshape((3, *shape)))
+
+
+def _apply_torch(transform: Transform, pts: Any) -> Any:
+    """``transform.apply`` on a torch tensor of points, where the kind allows it."""
+    import torch
+
+    matrix = transform.as_affine()
+    if matrix is not None:
+        m = torch.as_tensor(matrix, dtype=pts.dtype, device=pts.device)
+        return pts @ m[:-1, :-1].T + m[:-1, -1]
+    if isinstance(transform, Sequence):
+        for item in transform._runs:
+            pts = _apply_torch(item, pts)
+        return pts
+    if isinstance(transform, Bijection):
+        return _apply_torch(transform.forward, pts)
+    if isinstance(transform, Displacements):
+        return pts + _sample_torch(transform.field, pts)
+    if isinstance(transform, InverseDisplacements):
+        f = transform.of.field
+        q = pts - _sample_torch(f, pts)
+        for _ in range(_MAX_ITERATIONS):
+            residual = q + _sample_torch(f, q) - pts
+            if not len(residual) or float(residual.abs().max()) <= transform.tolerance:
+                return q
+            q = q - residual
+        transform.apply(q.cpu().numpy()[:1])  # raises the refusal, naming the field
+        return q
+    out = transform.apply(pts.cpu().numpy())
+    return torch.as_tensor(out, dtype=pts.dtype, device=pts.device)
+
+
+_TORCH_FIELDS: dict[tuple[int, str], Any] = {}
+
+
+def _sample_torch(f: _Field, pts: Any) -> Any:
+    """:meth:`_Field.sample` in torch (same clamping and trilinear weights)."""
+    import torch
+
+    key = (id(f), str(pts.device))
+    values = _TORCH_FIELDS.get(key)
+    if values is None:
+        values = torch.as_tensor(f.values, dtype=pts.dtype, device=pts.device)
+        _TORCH_FIELDS[key] = values
+    shape = torch.as_tensor(f.values.shape[:3], dtype=pts.dtype, device=pts.device)
+    origin = torch.as_tensor(f.origin, dtype=pts.dtype, device=pts.device)
+    spacing = torch.as_tensor(f.spacing, dtype=pts.dtype, device=pts.device)
+    g = (pts - origin) / spacing
+    g = torch.minimum(torch.clamp(g, min=0.0), shape - 1.0)
+    base = torch.minimum(torch.floor(g), torch.clamp(shape - 2.0, min=0.0))
+    frac = g - base
+    base_i = base.long()
+    n = [int(s) for s in f.values.shape[:3]]
+    out = torch.zeros_like(pts)
+    for dz in (0, 1):
+        wz = frac[:, 0] if dz else 1.0 - frac[:, 0]
+        iz = torch.clamp(base_i[:, 0] + dz, max=n[0] - 1)
+        for dy in (0, 1):
+            wy = frac[:, 1] if dy else 1.0 - frac[:, 1]
+            iy = torch.clamp(base_i[:, 1] + dy, max=n[1] - 1)
+            for dx in (0, 1):
+                wx = frac[:, 2] if dx else 1.0 - frac[:, 2]
+                ix = torch.clamp(base_i[:, 2] + dx, max=n[2] - 1)
+                out += (wz * wy * wx)[:, None] * values[iz, iy, ix]
+    return out
