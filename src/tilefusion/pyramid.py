@@ -19,6 +19,7 @@ from numpy.typing import NDArray
 
 from tilefusion.devices import usable_cpus
 from tilefusion.plan import Plan, range_shards, shard_box
+from tilefusion.progress import Progress
 from tilefusion.readers import ArraySource, open_array
 from tilefusion.stats import block_stats, merge_stats
 from tilefusion.store import open_level
@@ -80,12 +81,17 @@ def downsample_range(
         reduced = reduced[: hi[0] - lo[0], : hi[1] - lo[1], : hi[2] - lo[2]]
         # Written even when empty: the writer then drops a stale object of an earlier run.
         stored = cast_to_dtype(reduced, writer.dtype)
-        return writer.write(shard, stored), block_stats(stored)
+        result = writer.write(shard, stored), block_stats(stored)
+        progress.advance(stored.size)
+        return result
 
     shards = range_shards(level, range_index)
     workers = max(1, min(len(shards), threads or usable_cpus()))
+    total = sum(math.prod(b - a for a, b in zip(*shard_box(level, s))) for s in shards)
+    progress = Progress(total, what=f"downsample level {level_index} range {range_index}")
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(one, shards))
+    progress.finish()
     objects: dict[str, str | None] = {}
     for written, _ in results:
         objects.update(written)
