@@ -109,3 +109,50 @@ def test_profiles_given_as_files_are_checked(tmp_path):
         flatfield.read_profile(tmp_path / "nope.npy", shape_yx=SHAPE_YX, field="f")
     with pytest.raises(InputError, match=r"a profile is a \.npy or \.tif file"):
         flatfield.read_profile(tmp_path / "flat.png", shape_yx=SHAPE_YX, field="f")
+
+
+def test_flatfield_step_estimates_or_checks_files(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from tilefusion.cli import main
+
+    spec = DemoSpec(tiles_yx=(1, 2), tile_shape_zyx=(20, *SHAPE_YX))
+    dataset = write_demo(tmp_path / "dataset.xml", spec)
+    for k, view in enumerate(dataset.views):
+        array = zarr.open_array(f"{view.source.path}/0", mode="r+")
+        array[...] = np.rint(_sparse_planes(20, seed=k) * _shading()).astype(np.uint16)
+    raw = {"dataset": str(tmp_path / "dataset.xml"), "output": {"path": str(tmp_path / "o.zarr")}}
+    config = tmp_path / "my.yaml"
+    plan = tmp_path / "plan.json"
+    flat, dark = tmp_path / "flat.npy", tmp_path / "dark.npy"
+    raw["fusion"] = {"flatfield": {"mode": "estimate", "planes": 40}}
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["plan", "--config", str(config), "--output", str(plan)]) == 0
+    args = ["--config", str(config), "--plan", str(plan), "--flatfield", str(flat)]
+    assert main(["flatfield", *args, "--darkfield", str(dark)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["shape_yx"] == list(SHAPE_YX)
+    estimated = np.load(flat)
+    np.testing.assert_allclose(estimated, _shading() / _shading().mean(), rtol=0.02)
+    assert not np.load(dark).any()
+    # given as files: checked against the tiles, copied as the run's profiles
+    given = tmp_path / "given.npy"
+    np.save(given, _shading()[:-1])
+    raw["fusion"] = {"flatfield": {"mode": "files", "flatfield": str(given)}}
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["flatfield", *args, "--darkfield", str(dark)]) == 2
+    assert "given.npy: fusion.flatfield.flatfield: shape [95, 128]" in capsys.readouterr().err
+    np.save(given, _shading())
+    assert main(["flatfield", *args, "--darkfield", str(dark)]) == 0
+    np.testing.assert_allclose(np.load(flat), _shading(), rtol=1e-6)
+    # a darkfield cannot be estimated from planes of one brightness: one line
+    raw["fusion"] = {"flatfield": {"mode": "estimate", "estimate_darkfield": True, "planes": 4}}
+    config.write_text(yaml.safe_dump(raw))
+    for view in dataset.views:
+        zarr.open_array(f"{view.source.path}/0", mode="r+")[...] = 100
+    assert main(["flatfield", *args, "--darkfield", str(dark)]) == 2
+    assert "fusion.flatfield: a darkfield needs planes of different brightness" in (
+        capsys.readouterr().err
+    )

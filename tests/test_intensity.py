@@ -174,3 +174,34 @@ def test_pairs_are_sampled_from_a_stored_coarse_level_both_tiles_keep(tmp_path, 
     found = np.array([document["tiles"][t.name]["gain"] for t in plan.tiles])
     truth = 1.0 / np.array(GAINS)
     np.testing.assert_allclose(found, truth / truth.mean(), rtol=0.02)
+
+
+def test_command_line_writes_the_intensity_file(tmp_path, capsys):
+    import yaml
+
+    from tilefusion.cli import main
+
+    xml = write_scaled_demo(tmp_path)
+    config = tmp_path / "my.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "dataset": str(xml),
+                "output": {"path": str(tmp_path / "fused.ome.zarr")},
+                "fusion": {"intensity_matching": True, "intensity_model": "gain"},
+            }
+        )
+    )
+    plan = tmp_path / "plan.json"
+    assert main(["plan", "--config", str(config), "--output", str(plan)]) == 0
+    out = tmp_path / "intensity.json"
+    assert (
+        main(["intensity", "--config", str(config), "--plan", str(plan), "--output", str(out)]) == 0
+    )
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["pairs"] == 6
+    read = intensity.read_intensity(out)
+    assert all(v.offset == 0.0 for v in read.values())  # the model asked for
+    assert steps.corrections_paths(load_config(yaml.safe_load(config.read_text())), "r") == {
+        "intensity": "r/intensity.json"
+    }

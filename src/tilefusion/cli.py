@@ -92,8 +92,31 @@ def _cmd_validate(args: argparse.Namespace) -> None:
         markers_dir=args.markers_dir,
         report_path=args.report,
         decode_all=args.decode_all,
+        seams_path=args.seams,
+        intensity_path=args.intensity,
     )
     print(json.dumps({"ok": report["ok"], "levels": report["levels"]}))
+
+
+def _cmd_flatfield(args: argparse.Namespace) -> None:
+    summary = steps.estimate_flatfield(
+        _config(args),
+        plan_path=args.plan,
+        flatfield_path=args.flatfield,
+        darkfield_path=args.darkfield,
+    )
+    print(json.dumps(summary))
+
+
+def _cmd_intensity(args: argparse.Namespace) -> None:
+    document = steps.estimate_intensity(
+        _config(args),
+        plan_path=args.plan,
+        output=args.output,
+        flatfield_path=args.flatfield,
+        darkfield_path=args.darkfield,
+    )
+    print(json.dumps({"tiles": document["tiles"], "pairs": len(document["pairs"])}))
 
 
 def _cmd_transform_points(args: argparse.Namespace) -> None:
@@ -160,7 +183,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--markers-dir", required=True)
     p.add_argument("--report", required=True)
     p.add_argument("--decode-all", action="store_true", help="decode every object, not one per job")
+    p.add_argument("--seams", help="seam metrics JSON to write (summary in the report)")
+    p.add_argument("--intensity", help="the intensity JSON the fusion applied")
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("flatfield", help="estimate (or check) the flatfield and darkfield")
+    common(p)
+    p.add_argument("--flatfield", required=True, help="flatfield .npy to write")
+    p.add_argument("--darkfield", required=True, help="darkfield .npy to write")
+    p.set_defaults(func=_cmd_flatfield)
+
+    p = sub.add_parser("intensity", help="per-tile gain and offset from the overlaps")
+    common(p)
+    p.add_argument("--output", required=True, help="intensity JSON to write")
+    p.add_argument("--flatfield", help="flatfield .npy the fusion applies first")
+    p.add_argument("--darkfield", help="darkfield .npy the fusion applies first")
+    p.set_defaults(func=_cmd_intensity)
 
     p = sub.add_parser(
         "transform-points",

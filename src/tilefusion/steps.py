@@ -30,10 +30,13 @@ __all__ = [
     "check_output_path",
     "check_state_owner",
     "completion_flag",
+    "corrections_paths",
     "demo_requested",
     "downsample",
     "downsample_memory_mb",
     "downsample_runtime_min",
+    "estimate_flatfield",
+    "estimate_intensity",
     "fuse",
     "fuse_memory_mb",
     "fuse_runtime_min",
@@ -652,6 +655,8 @@ def validate(
     decode_all: bool = False,
     assemble_record: str | None = None,
     flag_path: str | None = None,
+    seams_path: str | None = None,
+    intensity_path: str | None = None,
 ) -> dict[str, Any]:
     """Check the output against every marker and the NGFF metadata; write the report.
 
@@ -659,6 +664,9 @@ def validate(
     rerun command when the Zarr or the OME-NGFF metadata is damaged (that step
     mends both). When every check passes, the completion flag is written
     (``flag_path``, by default :func:`completion_flag` of the output) last.
+    With ``seams_path``, the seam metrics (:func:`tilefusion.seams.seam_metrics`;
+    ``intensity_path``: the correction the fusion applied) of an output that
+    passed are written there and their summary into the report (``seams``).
 
     Raises
     ------
@@ -694,6 +702,10 @@ def validate(
             target=target or report_path,
             also=also,
         )
+    if seams_path and report["ok"]:
+        report["seams"] = _seam_metrics(
+            plan, config, seams_path=seams_path, intensity_path=intensity_path
+        )
     write_json(report_path, report)
     for line in report["warnings"]:
         log.warning("%s", line)
@@ -712,6 +724,119 @@ def validate(
     write_json(flag_path or completion_flag(config["output"]["path"]), flag)
     log.info("validated: %s", config["output"]["path"])
     return report
+
+
+def corrections_paths(config: Mapping[str, Any], results: str) -> dict[str, str]:
+    """The correction files a run's fuse jobs read (none when no correction is on).
+
+    ``results`` is the run's state folder; keys ``flatfield`` and
+    ``darkfield`` (``fusion.flatfield.mode`` not ``off``) and ``intensity``
+    (``fusion.intensity_matching``).
+    """
+    fusion = config["fusion"]
+    out = {}
+    if fusion["flatfield"]["mode"] != "off":
+        out["flatfield"] = f"{results}/flatfield.npy"
+        out["darkfield"] = f"{results}/darkfield.npy"
+    if fusion["intensity_matching"]:
+        out["intensity"] = f"{results}/intensity.json"
+    return out
+
+
+def estimate_flatfield(
+    config: Mapping[str, Any], *, plan_path: str, flatfield_path: str, darkfield_path: str
+) -> dict[str, Any]:
+    """The flatfield step: estimate the profiles, or check the given ones; write both ``.npy``."""
+    import numpy as np
+
+    from tilefusion import flatfield
+
+    config = load_config(config)
+    settings = config["fusion"]["flatfield"]
+    plan = read_plan(plan_path)
+    shapes = sorted({t.shape_zyx[1:] for t in plan.tiles})
+    if settings["mode"] == "files":
+        if len(shapes) != 1:
+            raise InputError(
+                settings["flatfield"],
+                "fusion.flatfield.flatfield",
+                f"tiles differ in yx shape {shapes}; one profile fits tiles of one shape",
+            )
+        shape_yx = shapes[0]
+        flat = flatfield.read_profile(
+            settings["flatfield"], shape_yx=shape_yx, field="fusion.flatfield.flatfield"
+        )
+        dark = (
+            flatfield.read_profile(
+                settings["darkfield"], shape_yx=shape_yx, field="fusion.flatfield.darkfield"
+            )
+            if settings["darkfield"]
+            else np.zeros(shape_yx, dtype=np.float32)
+        )
+    else:
+        planes, shape_yx = flatfield.sample_planes(plan, max_planes=settings["planes"])
+        try:
+            flat, dark = flatfield.estimate_profiles(
+                planes, shape_yx=shape_yx, darkfield=settings["estimate_darkfield"]
+            )
+        except ValueError as exc:
+            raise InputError(plan.dataset, "fusion.flatfield", str(exc)) from None
+    flatfield.write_profiles(flatfield_path, darkfield_path, flat, dark)
+    summary = {
+        "mode": settings["mode"],
+        "shape_yx": list(shape_yx),
+        "flatfield_range": [float(flat.min()), float(flat.max())],
+        "darkfield_mean": float(dark.mean()),
+    }
+    log.info("flatfield: %s", summary)
+    return summary
+
+
+def estimate_intensity(
+    config: Mapping[str, Any],
+    *,
+    plan_path: str,
+    output: str,
+    flatfield_path: str | None = None,
+    darkfield_path: str | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """The intensity step: per-tile gain and offset from the overlaps, as JSON.
+
+    With the flatfield step's profiles, pairs are fitted on flatfield-corrected
+    values (the fusion applies the flatfield first).
+    """
+    import numpy as np
+
+    from tilefusion.intensity import match_intensities, write_intensity
+
+    config = load_config(config)
+    plan = read_plan(plan_path)
+    profiles = None
+    if flatfield_path:
+        flat = np.load(flatfield_path)
+        dark = np.load(darkfield_path) if darkfield_path else np.zeros_like(flat)
+        profiles = (flat, dark)
+    document = match_intensities(
+        plan, model=config["fusion"]["intensity_model"], threads=threads, profiles=profiles
+    )
+    write_intensity(output, document)
+    return document
+
+
+def _seam_metrics(
+    plan: Plan, config: Mapping[str, Any], *, seams_path: str, intensity_path: str | None
+) -> dict[str, Any]:
+    """Write the seam metrics of a validated output; return their summary."""
+    from tilefusion.intensity import read_intensity
+    from tilefusion.seams import seam_metrics
+
+    corrections = read_intensity(intensity_path) if intensity_path else None
+    metrics = seam_metrics(plan, store_path=config["output"]["path"], corrections=corrections)
+    write_json(seams_path, metrics)
+    summary = dict(metrics["summary"])
+    log.info("seams: %s", summary)
+    return summary
 
 
 def fuse_memory_mb(plan: Plan, *, attempt: int = 1) -> int:
