@@ -242,6 +242,8 @@ def test_validation_table_lists_levels_problems_and_the_rerun():
             }
         ],
         "rerun": "snakemake --forcerun results/tilefusion/fused/markers/level0/range3.json",
+        "absent_input_chunks": {"t0-s1": 2},
+        "seams": {"pairs": 4, "seam_contrast": 0.0123456, "ncc_min": None, "list": [1]},
     }
     rows = dict(line.split("\t", 1) for line in report.validation_tsv(qc).splitlines()[1:])
     assert rows["result"] == "FAILED"
@@ -252,6 +254,10 @@ def test_validation_table_lists_levels_problems_and_the_rerun():
     assert rows["problem"] == qc["problems"][0]
     assert rows["warning"] == qc["warnings"][0]
     assert rows["rerun"].startswith("snakemake --forcerun")
+    assert rows["absent input chunks, tile t0-s1"] == "2"
+    assert (rows["seams pairs"], rows["seams seam_contrast"]) == ("4", "0.01235")
+    assert rows["seams ncc_min"] == ""
+    assert "seams list" not in rows
     assert report.validation_tsv({"ok": True}).splitlines()[1] == "result\tpassed"
 
 

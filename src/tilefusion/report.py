@@ -640,12 +640,29 @@ def timings_svg(
     return _svg(left + width + 20, legend_y + 24, body, title="Per-range timings")
 
 
+# QC report keys validation_tsv shows in rows of their own (or that problems restate).
+_QC_SHOWN = frozenset(
+    {
+        "ok",
+        "problems",
+        "warnings",
+        "levels",
+        "rerun",
+        "absent_input_chunks",
+        "bad_ranges",
+        "structure_damaged",
+        "metadata_problems",
+    }
+)
+
+
 def validation_tsv(qc_report: Mapping[str, Any]) -> str:
     """The QC report (written by the validate step) as a two-column table.
 
     Rows: the result, counts of problems and warnings, each level's shape,
-    voxel size, coverage and intensities, then every problem and warning
-    line, and the rerun command when there is one.
+    voxel size, coverage and intensities, tiles with absent chunks, the
+    scalar values of any further summary (``seams``, say), then every problem
+    and warning line, and the rerun command when there is one.
     """
     ok = bool(qc_report.get("ok"))
     problems = list(qc_report.get("problems") or [])
@@ -669,6 +686,16 @@ def validation_tsv(qc_report: Mapping[str, Any]) -> str:
         )
         stats = [_float_or_none(level.get(s)) for s in ("min", "mean", "max")]
         rows.append((f"level {k} min / mean / max", " / ".join(_cell(v) for v in stats)))
+    absent = qc_report.get("absent_input_chunks") or {}
+    rows.extend((f"absent input chunks, tile {tile}", count) for tile, count in absent.items())
+    # Further summaries later steps add (seam metrics, say): their scalar values.
+    for key, value in qc_report.items():
+        if key not in _QC_SHOWN and isinstance(value, Mapping):
+            rows.extend(
+                (f"{key} {name}", _float_or_none(item) if isinstance(item, float) else item)
+                for name, item in value.items()
+                if item is None or isinstance(item, (str, int, float))
+            )
     rows.extend(("problem", line) for line in problems)
     rows.extend(("warning", line) for line in warnings)
     if qc_report.get("rerun"):
