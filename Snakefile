@@ -18,6 +18,14 @@ else:
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/plan.smk"
+
+
+# Only when a correction is on (fusion.flatfield, fusion.intensity_matching).
+if CORRECTIONS:
+
+    include: "workflow/rules/corrections.smk"
+
+
 include: "workflow/rules/fuse.smk"
 include: "workflow/rules/assemble.smk"
 include: "workflow/rules/validate.smk"

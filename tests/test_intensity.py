@@ -1,6 +1,7 @@
 """Intensity matching: per-tile gains and offsets from the overlaps."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -205,3 +206,18 @@ def test_command_line_writes_the_intensity_file(tmp_path, capsys):
     assert steps.corrections_paths(load_config(yaml.safe_load(config.read_text())), "r") == {
         "intensity": "r/intensity.json"
     }
+
+
+def test_workflow_runs_the_correction_steps_when_asked(demo_xml, tmp_path):
+    import shutil
+
+    from pipeline import snakemake_run
+
+    if shutil.which("snakemake") is None:
+        pytest.skip("snakemake not installed")
+    base = {"dataset": str(demo_xml), "demo": False}
+    on = dict(base, fusion={"intensity_matching": True, "flatfield": {"mode": "estimate"}})
+    listed = snakemake_run(tmp_path / "on", on, "-n")
+    assert listed.returncode == 0, listed.stderr
+    for rule in ("flatfield", "intensity", "fuse", "validate"):
+        assert re.search(rf"^{rule}\s+1?\d*$", listed.stdout, re.M), (rule, listed.stdout)

@@ -49,6 +49,7 @@ from tilefusion.devices import usable_cpus
 from tilefusion.intensity import (
     OpenArrays,
     PairSamples,
+    Profiles,
     TileIntensity,
     overlapping_pairs,
     read_points,
@@ -237,6 +238,7 @@ def seam_metrics(
     points_per_face: int = 256,
     max_points: int = 65536,
     threads: int | None = None,
+    profiles: Profiles | None = None,
 ) -> dict[str, Any]:
     """Every overlapping pair's agreement and seam contrast, and the totals.
 
@@ -257,6 +259,9 @@ def seam_metrics(
         many tiles, at least 16), so validating 10,000 tiles stays quick.
     threads : int, optional
         Pairs sampled at once (default: the CPUs this process may use).
+    profiles : (flatfield, darkfield), optional
+        The illumination profiles the fusion applied: the pairs' samples are
+        corrected by them first (see :func:`tilefusion.intensity.sample_pair`).
 
     Returns
     -------
@@ -282,7 +287,9 @@ def seam_metrics(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         sampled = list(
             pool.map(
-                lambda pair: sample_pair(plan, pair, max_samples=max_samples, arrays=arrays),
+                lambda pair: sample_pair(
+                    plan, pair, max_samples=max_samples, arrays=arrays, profiles=profiles
+                ),
                 overlapping,
             )
         )

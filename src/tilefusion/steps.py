@@ -657,6 +657,8 @@ def validate(
     flag_path: str | None = None,
     seams_path: str | None = None,
     intensity_path: str | None = None,
+    flatfield_path: str | None = None,
+    darkfield_path: str | None = None,
 ) -> dict[str, Any]:
     """Check the output against every marker and the NGFF metadata; write the report.
 
@@ -665,8 +667,9 @@ def validate(
     mends both). When every check passes, the completion flag is written
     (``flag_path``, by default :func:`completion_flag` of the output) last.
     With ``seams_path``, the seam metrics (:func:`tilefusion.seams.seam_metrics`;
-    ``intensity_path``: the correction the fusion applied) of an output that
-    passed are written there and their summary into the report (``seams``).
+    ``intensity_path``, ``flatfield_path`` and ``darkfield_path``: the
+    corrections the fusion applied) of an output that passed are written there
+    and their summary into the report (``seams``).
 
     Raises
     ------
@@ -704,7 +707,11 @@ def validate(
         )
     if seams_path and report["ok"]:
         report["seams"] = _seam_metrics(
-            plan, config, seams_path=seams_path, intensity_path=intensity_path
+            plan,
+            config,
+            seams_path=seams_path,
+            intensity_path=intensity_path,
+            profiles_paths=(flatfield_path, darkfield_path),
         )
     write_json(report_path, report)
     for line in report["warnings"]:
@@ -726,19 +733,21 @@ def validate(
     return report
 
 
-def corrections_paths(config: Mapping[str, Any], results: str) -> dict[str, str]:
+def corrections_paths(
+    config: Mapping[str, Any], results: str, *, every: bool = False
+) -> dict[str, str]:
     """The correction files a run's fuse jobs read (none when no correction is on).
 
     ``results`` is the run's state folder; keys ``flatfield`` and
     ``darkfield`` (``fusion.flatfield.mode`` not ``off``) and ``intensity``
-    (``fusion.intensity_matching``).
+    (``fusion.intensity_matching``); ``every`` gives all three.
     """
     fusion = config["fusion"]
     out = {}
-    if fusion["flatfield"]["mode"] != "off":
+    if every or fusion["flatfield"]["mode"] != "off":
         out["flatfield"] = f"{results}/flatfield.npy"
         out["darkfield"] = f"{results}/darkfield.npy"
-    if fusion["intensity_matching"]:
+    if every or fusion["intensity_matching"]:
         out["intensity"] = f"{results}/intensity.json"
     return out
 
@@ -825,14 +834,37 @@ def estimate_intensity(
 
 
 def _seam_metrics(
-    plan: Plan, config: Mapping[str, Any], *, seams_path: str, intensity_path: str | None
+    plan: Plan,
+    config: Mapping[str, Any],
+    *,
+    seams_path: str,
+    intensity_path: str | None,
+    profiles_paths: tuple[str | None, str | None] = (None, None),
 ) -> dict[str, Any]:
     """Write the seam metrics of a validated output; return their summary."""
+    import numpy as np
+
     from tilefusion.intensity import read_intensity
     from tilefusion.seams import seam_metrics
 
     corrections = read_intensity(intensity_path) if intensity_path else None
-    metrics = seam_metrics(plan, store_path=config["output"]["path"], corrections=corrections)
+    flat_path, dark_path = profiles_paths
+    profiles = None
+    if flat_path:
+        flat = np.load(flat_path)
+        profiles = (flat, np.load(dark_path) if dark_path else np.zeros_like(flat))
+    try:
+        metrics = seam_metrics(
+            plan,
+            store_path=config["output"]["path"],
+            corrections=corrections,
+            profiles=profiles,
+        )
+    except (InputError, OSError, ValueError) as exc:
+        # A QC measure that cannot be taken (tiles moved since the fusion)
+        # does not fail a validated output.
+        log.warning("seam metrics not computed: %s", exc)
+        metrics = {"pairs": [], "summary": {"error": str(exc)}}
     write_json(seams_path, metrics)
     summary = dict(metrics["summary"])
     log.info("seams: %s", summary)

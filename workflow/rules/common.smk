@@ -64,6 +64,9 @@ try:
     MARKERS = f"{RESULTS}/markers"
     INPUTS_RECORD = f"{RESULTS}/inputs.json"
     COMPLETE_FLAG = steps.completion_flag(OUTPUT)
+    SEAMS_JSON = f"{RESULTS}/seams.json"
+    # Flatfield and intensity files the fuse jobs read ({} when none is on).
+    CORRECTIONS = steps.corrections_paths(config, RESULTS)
     PLAN = steps.plan_for_run(
         config,
         main_process=workflow.is_main_process,
@@ -130,6 +133,28 @@ def get_previous_level_markers(wildcards):
 
 def get_all_markers():
     return [m for k in range(len(PLAN.levels)) for m in get_level_markers(k)]
+
+
+def get_flatfield_files():
+    # Profiles given as files: a changed file makes the flatfield step run again.
+    settings = config["fusion"]["flatfield"]
+    if settings["mode"] != "files":
+        return []
+    return [local(p) for p in (settings["flatfield"], settings["darkfield"]) if p]
+
+
+def get_intensity_profiles(wildcards):
+    # Matching fits flatfield-corrected values, as the fusion applies them.
+    return {k: v for k, v in CORRECTIONS.items() if k in ("flatfield", "darkfield")}
+
+
+def get_fuse_corrections(wildcards):
+    return CORRECTIONS
+
+
+def get_validate_corrections(wildcards):
+    # The pairs' ratios after correction are measured as the fusion corrected.
+    return CORRECTIONS
 
 
 def get_markers_dir(wildcards, input):

@@ -1,9 +1,7 @@
 # Intensity corrections estimated once per run, before the fuse jobs, which
 # apply them (fusion.flatfield, fusion.intensity_matching). Both read the
 # tiles (metadata and samples) and write small files: seconds to minutes.
-FLATFIELD_NPY = f"{RESULTS}/flatfield.npy"
-DARKFIELD_NPY = f"{RESULTS}/darkfield.npy"
-INTENSITY_JSON = f"{RESULTS}/intensity.json"
+CORRECTION_FILES = steps.corrections_paths(config, RESULTS, every=True)
 
 
 rule flatfield:
@@ -11,8 +9,8 @@ rule flatfield:
         plan=PLAN_JSON,
         given=get_flatfield_files(),
     output:
-        flatfield=FLATFIELD_NPY,
-        darkfield=DARKFIELD_NPY,
+        flatfield=CORRECTION_FILES["flatfield"],
+        darkfield=CORRECTION_FILES["darkfield"],
     log:
         f"{LOGS}/flatfield.log",
     benchmark:
@@ -31,7 +29,7 @@ rule intensity:
         unpack(get_intensity_profiles),
         plan=PLAN_JSON,
     output:
-        intensity=INTENSITY_JSON,
+        intensity=CORRECTION_FILES["intensity"],
     log:
         f"{LOGS}/intensity.log",
     benchmark:

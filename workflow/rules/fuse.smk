@@ -1,5 +1,6 @@
 rule fuse:
     input:
+        unpack(get_fuse_corrections),
         plan=PLAN_JSON,
         store=STORE_RECORD,
     output:

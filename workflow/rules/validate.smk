@@ -1,5 +1,6 @@
 rule validate:
     input:
+        unpack(get_validate_corrections),
         plan=PLAN_JSON,
         store=STORE_RECORD,
         assembled=ASSEMBLE_RECORD,
@@ -8,6 +9,7 @@ rule validate:
         report=QC_REPORT,
         # Written last, when every check passed: what a host workflow depends on.
         complete=COMPLETE_FLAG,
+        seams=SEAMS_JSON,
     log:
         f"{LOGS}/validate.log",
     conda:

@@ -9,4 +9,8 @@ run_logged(
     report_path=snakemake.output.report,
     assemble_record=snakemake.input.assembled,
     flag_path=snakemake.output.complete,
+    seams_path=snakemake.output.seams,
+    intensity_path=snakemake.input.get("intensity"),
+    flatfield_path=snakemake.input.get("flatfield"),
+    darkfield_path=snakemake.input.get("darkfield"),
 )
