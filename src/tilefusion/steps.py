@@ -616,6 +616,13 @@ def assemble(
     )
     record = {"store": str(Path(output["path"]).resolve()), "metadata": metadata}
     write_json(record_path, record)
+    log.info(
+        "OME-NGFF %s metadata written: %d levels, window %g-%g",
+        output["format"],
+        len(plan.levels),
+        level0["min"],
+        level0["max"],
+    )
     return record
 
 

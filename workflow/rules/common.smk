@@ -5,7 +5,7 @@ from pathlib import Path
 from tilefusion import steps
 from tilefusion.config import DEMO_DATASET, load_config
 from tilefusion.errors import InputError
-from tilefusion.plan import source_ranges
+from tilefusion.plan import read_plan, source_ranges
 from tilefusion.summary import estimate_run, format_estimate
 
 # Cores of each fuse and downsample job (Snakemake scales them down with --cores).
@@ -67,16 +67,21 @@ try:
     SEAMS_JSON = f"{RESULTS}/seams.json"
     # Flatfield and intensity files the fuse jobs read ({} when none is on).
     CORRECTIONS = steps.corrections_paths(config, RESULTS)
-    PLAN = steps.plan_for_run(
-        config,
-        main_process=workflow.is_main_process,
-        protected=[
-            *map(str, workflow.configfiles),
-            made_here(RESULTS),
-            made_here(LOGS),
-        ],
-        demo_path=config["dataset"] if DEMO else None,
-    )
+    if not workflow.is_main_process and Path(made_here(PLAN_JSON)).is_file():
+        # A job (on a cluster node too) reads the plan its run made, instead of
+        # planning the dataset again from its XML.
+        PLAN = read_plan(made_here(PLAN_JSON))
+    else:
+        PLAN = steps.plan_for_run(
+            config,
+            main_process=workflow.is_main_process,
+            protected=[
+                *map(str, workflow.configfiles),
+                made_here(RESULTS),
+                made_here(LOGS),
+            ],
+            demo_path=config["dataset"] if DEMO else None,
+        )
     # Rewritten when a tile changed since the plan, so the plan reruns; a dry
     # run writes nothing (the inputs_record rule makes a missing one).
     if workflow.is_main_process:
@@ -231,7 +236,17 @@ onstart:
     take_output_lock()
 
 
+def point_at_the_output():
+    print(
+        f"tilefusion: done: {config['output']['path']} ({config['output']['format']}, "
+        f"validated; QC report {made_here(QC_REPORT)}). Open it with napari "
+        "(napari-ome-zarr), Neuroglancer or Fiji: see README, Viewing the output.",
+        file=sys.stderr,
+    )
+
+
 onsuccess:
+    point_at_the_output()
     cancel_rate_limiter_timers()
 
 
