@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -9,7 +10,6 @@ import zarr
 
 from tilefusion import intensity, steps
 from tilefusion.config import load_config
-from tilefusion.demo import write_demo
 from tilefusion.errors import InputError
 from tilefusion.intensity import PairFit, PairSamples, fit_pair, solve_global
 
@@ -17,11 +17,11 @@ GAINS = (0.7, 1.3, 0.95, 1.12)
 OFFSETS = (20.0, -10.0, 5.0, 0.0)
 
 
-def write_scaled_demo(folder, gains=GAINS, offsets=OFFSETS):
-    """The demo with tile k's values turned into ``gain_k * value + offset_k``."""
-    dataset = write_demo(folder / "dataset.xml")
-    for view, gain, offset in zip(dataset.views, gains, offsets):
-        array = zarr.open_array(f"{view.source.path}/0", mode="r+")
+def write_scaled_demo(folder, demo_xml, gains=GAINS, offsets=OFFSETS):
+    """A copy of the demo with tile k's values turned into ``gain_k * value + offset_k``."""
+    shutil.copytree(demo_xml.parent, folder)
+    for k, (gain, offset) in enumerate(zip(gains, offsets)):
+        array = zarr.open_array(f"{folder}/tile{k}.zarr/0", mode="r+")
         values = array[:].astype(np.float64) * gain + offset
         array[...] = np.clip(np.rint(values), 1, 65535).astype(np.uint16)
     return folder / "dataset.xml"
@@ -34,8 +34,8 @@ def _plan(xml, tmp_path):
     return steps.plan_from_config(config)
 
 
-def test_known_gains_are_recovered_within_2_percent(tmp_path):
-    plan = _plan(write_scaled_demo(tmp_path), tmp_path)
+def test_known_gains_are_recovered_within_2_percent(demo_xml, tmp_path):
+    plan = _plan(write_scaled_demo(tmp_path / "data", demo_xml), tmp_path)
     document = intensity.match_intensities(plan, threads=1)
     assert len(document["pairs"]) == 6  # 2 x 2 tiles: rows, columns and diagonals
     found = np.array([document["tiles"][t.name]["gain"] for t in plan.tiles])
@@ -53,8 +53,8 @@ def test_known_gains_are_recovered_within_2_percent(tmp_path):
         assert pair["residual_ratio"] == pytest.approx(1.0, abs=0.005)
 
 
-def test_document_round_trips_and_bad_files_are_refused(tmp_path):
-    plan = _plan(write_scaled_demo(tmp_path), tmp_path)
+def test_document_round_trips_and_bad_files_are_refused(demo_xml, tmp_path):
+    plan = _plan(write_scaled_demo(tmp_path / "data", demo_xml), tmp_path)
     document = intensity.match_intensities(plan, model="gain", threads=1)
     path = tmp_path / "intensity.json"
     intensity.write_intensity(path, document)
@@ -112,8 +112,8 @@ def test_global_solve_anchors_each_group_and_leaves_lonely_tiles_alone():
     assert [(s.gain, s.offset) for s in alone] == [(1.0, 0.0), (1.0, 0.0)]
 
 
-def test_gains_are_fitted_on_flatfield_corrected_values(tmp_path):
-    xml = write_scaled_demo(tmp_path)
+def test_gains_are_fitted_on_flatfield_corrected_values(demo_xml, tmp_path):
+    xml = write_scaled_demo(tmp_path / "data", demo_xml)
     plan = _plan(xml, tmp_path)
     ny, nx = plan.tiles[0].shape_zyx[1:]
     yy, xx = np.meshgrid(np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), indexing="ij")
@@ -133,8 +133,10 @@ def test_gains_are_fitted_on_flatfield_corrected_values(tmp_path):
     assert np.max(np.abs(wrong / truth - 1)) > 2 * np.max(np.abs(found / truth - 1))
 
 
-def test_pairs_are_sampled_from_a_stored_coarse_level_both_tiles_keep(tmp_path, monkeypatch):
-    xml = write_scaled_demo(tmp_path)
+def test_pairs_are_sampled_from_a_stored_coarse_level_both_tiles_keep(
+    demo_xml, tmp_path, monkeypatch
+):
+    xml = write_scaled_demo(tmp_path / "data", demo_xml)
     plan = _plan(xml, tmp_path)
     voxel = (2.0, 0.5, 0.5)
     for tile in plan.tiles:
@@ -177,12 +179,12 @@ def test_pairs_are_sampled_from_a_stored_coarse_level_both_tiles_keep(tmp_path, 
     np.testing.assert_allclose(found, truth / truth.mean(), rtol=0.02)
 
 
-def test_command_line_writes_the_intensity_file(tmp_path, capsys):
+def test_command_line_writes_the_intensity_file(demo_xml, tmp_path, capsys):
     import yaml
 
     from tilefusion.cli import main
 
-    xml = write_scaled_demo(tmp_path)
+    xml = write_scaled_demo(tmp_path / "data", demo_xml)
     config = tmp_path / "my.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -209,8 +211,6 @@ def test_command_line_writes_the_intensity_file(tmp_path, capsys):
 
 
 def test_workflow_runs_the_correction_steps_when_asked(demo_xml, tmp_path):
-    import shutil
-
     from pipeline import snakemake_run
 
     if shutil.which("snakemake") is None:

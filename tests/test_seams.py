@@ -37,8 +37,8 @@ def _corrected_copy(xml, folder, document):
     return folder / "dataset.xml"
 
 
-def test_matching_lowers_the_seam_contrast_at_least_5x(tmp_path):
-    xml = write_scaled_demo(tmp_path / "raw")
+def test_matching_lowers_the_seam_contrast_at_least_5x(demo_xml, tmp_path):
+    xml = write_scaled_demo(tmp_path / "raw", demo_xml)
     plan = _fuse(xml, tmp_path / "fused_raw")
     before = seams.seam_metrics(plan, store_path=tmp_path / "fused_raw" / "fused.ome.zarr")
     document = intensity.match_intensities(plan, threads=1)
