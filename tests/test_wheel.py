@@ -197,3 +197,37 @@ def test_a_host_workflow_uses_two_module_instances_with_prefixes(installed, tmp_
     assert not (tmp_path / "results").exists() and not (tmp_path / "b/data").exists()
     flag = json.loads((tmp_path / "b/results/other.ome.zarr/.tilefusion-complete.json").read_text())
     assert flag["ok"] and flag["levels"] == 2
+
+
+def test_the_sdist_builds_a_wheel_that_ships_the_schema(tmp_path):
+    # What a release on the package index is: an sdist, from which pip builds the wheel.
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from setuptools import build_meta; "
+            "print(build_meta.build_sdist(sys.argv[1]))",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    (sdist,) = tmp_path.glob("tilefusion-*.tar.gz")
+    wheel = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(sdist), "-w", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if wheel.returncode != 0:
+        pytest.skip(f"cannot build a wheel here: {wheel.stderr.strip()[-300:]}")
+    import zipfile
+
+    (built_wheel,) = tmp_path.glob("tilefusion-*.whl")
+    names = zipfile.ZipFile(built_wheel).namelist()
+    assert "tilefusion/schemas/config.schema.yaml" in names
+    assert "tilefusion/py.typed" in names
+    assert any(name.endswith("entry_points.txt") for name in names)
