@@ -36,7 +36,7 @@ from tilefusion.readers import ArraySource, arrays, open_array
 from tilefusion.readers.arrays import (
     ChunkCache,
     TileArray,
-    _open_local_zarr,
+    _open_direct_zarr,
     _ZarrChunks,
     forget_memory_array,
     register_memory_array,
@@ -523,7 +523,7 @@ def test_direct_zarr_reads_equal_zarr_python(tmp_path: Path, layout: str) -> Non
     arr = open_array(ArraySource("zarr", str(path)))
     assert isinstance(arr._backing, _ZarrChunks)  # type: ignore[attr-defined]
     # Resolved from the JSON metadata, as zarr-python resolves it.
-    _assert_same_reader(_open_local_zarr(ArraySource("zarr", str(path))), _ZarrChunks.for_array(z))
+    _assert_same_reader(_open_direct_zarr(ArraySource("zarr", str(path))), _ZarrChunks.for_array(z))
     assert arr.shape == ZARR_SHAPE
     assert arr.dtype == z.dtype
     for lo, hi in _zarr_crops(np.random.default_rng(3)):
@@ -698,7 +698,7 @@ def test_local_zarr_metadata_equals_zarr_python(
     )
     z[:2] = np.ones((2, 6, 7), dtype)
     source = ArraySource("zarr", str(path))
-    _assert_same_reader(_open_local_zarr(source), _ZarrChunks.for_array(z))
+    _assert_same_reader(_open_direct_zarr(source), _ZarrChunks.for_array(z))
     _assert_same(open_array(source).read((1, 0, 0), (5, 6, 7)), z[1:5])
 
 
@@ -710,18 +710,18 @@ def test_local_zarr_defers_to_zarr_python(tmp_path: Path) -> None:
     level0[...] = 3
     zarr.consolidate_metadata(str(tmp_path / "c.zarr"))
     consolidated = ArraySource("zarr", str(tmp_path / "c.zarr"))
-    assert _open_local_zarr(consolidated) is None
+    assert _open_direct_zarr(consolidated) is None
     arr = open_array(consolidated)
     assert isinstance(arr._backing, _ZarrChunks)  # type: ignore[attr-defined]
     assert (arr.read((0, 0, 0), (4, 5, 6)) == 3).all()
     for key in ["0/../0", "./0"]:
-        assert _open_local_zarr(ArraySource("zarr", str(tmp_path / "c.zarr"), key)) is None
+        assert _open_direct_zarr(ArraySource("zarr", str(tmp_path / "c.zarr"), key)) is None
         with pytest.raises(InputError, match="cannot open as zarr"):
             open_array(ArraySource("zarr", str(tmp_path / "c.zarr"), key))
-    assert _open_local_zarr(ArraySource("zarr", "s3://bucket/tile.zarr")) is None
+    assert _open_direct_zarr(ArraySource("zarr", "simplecache::s3://bucket/tile.zarr")) is None
     path, _ = _zarr_tile(tmp_path, "v3", zarr_format=3)
     (path / ".zarray").write_text("{}")
-    assert _open_local_zarr(ArraySource("zarr", str(path))) is None
+    assert _open_direct_zarr(ArraySource("zarr", str(path))) is None
 
 
 def test_local_zarr_keys_are_normalised(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ import copy
 import hashlib
 import json
 import math
-import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from tilefusion import fs
 from tilefusion.errors import InputError
 from tilefusion.yaml_safe import load_yaml
 
@@ -115,13 +115,10 @@ def load_config(raw: Mapping[str, Any] | None, *, source: str = "config") -> dic
 
     _check_numbers(config, source)
     output = config["output"]
-    if _URL.match(output["path"]):
-        raise InputError(
-            source,
-            "output.path",
-            f"{output['path']!r} is a URL; tilefusion writes to a local or mounted file "
-            "system only (mount the bucket, e.g. with s3fs, and give its path)",
-        )
+    url_problem = fs.url_problem(output["path"])
+    if url_problem:
+        raise InputError(source, "output.path", f"{output['path']!r}: {url_problem}")
+    fs.set_storage_options(config["storage_options"])
     chunk_voxels = math.prod(output["chunks"])
     if chunk_voxels < MIN_CHUNK_VOXELS:
         raise InputError(
@@ -148,8 +145,6 @@ MIN_CHUNK_VOXELS = 4096
 
 DEMO_DATASET = "resources/demo/dataset.xml"
 """Where the bundled demo is generated (``demo: true``), relative to the working directory."""
-
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _check_numbers(config: Mapping[str, Any], source: str) -> None:

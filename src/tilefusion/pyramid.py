@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from tilefusion import fs
 from tilefusion.devices import usable_cpus
 from tilefusion.plan import Plan, range_shards, shard_box
 from tilefusion.progress import Progress
@@ -69,7 +69,7 @@ def downsample_range(
         raise IndexError(f"level {level_index} not in 1..{len(plan.levels) - 1}")
     level = plan.levels[level_index]
     open_level(store_path, level_index - 1, mode="r")  # one line if its metadata is damaged
-    source = open_array(ArraySource("zarr", str(Path(store_path) / str(level_index - 1))))
+    source = open_array(ArraySource("zarr", fs.join(store_path, str(level_index - 1))))
     writer = LevelWriter(store_path, level_index, level)
     factor = level.factor_zyx
 

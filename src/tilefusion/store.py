@@ -5,11 +5,15 @@ Pixels are written by the fuse and downsample jobs through
 written once, by :func:`write_ngff_metadata`, after every pixel job succeeded.
 The NGFF version is an object (:class:`NgffFormat`), not a string compared
 in branches.
+
+The output may be a local folder or a URL (``s3://bucket/fused.ome.zarr``):
+every read and write goes through :mod:`tilefusion.fs`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from abc import ABC, abstractmethod
@@ -19,6 +23,7 @@ from typing import Any, ClassVar
 
 import zarr
 
+from tilefusion import fs
 from tilefusion.atomic import write_bytes_atomic, write_json_atomic
 from tilefusion.errors import InputError
 from tilefusion.plan import Plan
@@ -36,6 +41,8 @@ __all__ = [
     "repair_metadata",
     "write_ngff_metadata",
 ]
+
+log = logging.getLogger("tilefusion")
 
 OWNER_KEY = "tilefusion"
 AXES = [
@@ -176,15 +183,14 @@ def read_owner(path: str | Path) -> dict[str, Any] | None:
     The record file comes first; outputs of earlier versions hold it in the
     group's attributes only.
     """
-    path = Path(path)
     try:
-        record = json.loads((path / IDENTITY_FILE).read_text())
+        record = json.loads(fs.read_bytes(fs.join(path, IDENTITY_FILE)))
     except (OSError, ValueError):
         record = None
     if isinstance(record, dict) and isinstance(record.get("identity"), str):
         return record
     try:
-        group = zarr.open_group(str(path), mode="r")
+        group = zarr.open_group(fs.zarr_store(path), mode="r")
         owner = group.attrs.get(OWNER_KEY)
     except Exception:  # an unreadable group is simply not known to be ours
         return None
@@ -195,7 +201,12 @@ def _is_within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def _refuse(path: Path, problem: str) -> InputError:
+def _url_within(inner: str, outer: str) -> bool:
+    inner, outer = inner.rstrip("/"), outer.rstrip("/")
+    return inner == outer or inner.startswith(outer + "/")
+
+
+def _refuse(path: str | Path, problem: str) -> InputError:
     return InputError(str(path), "output.path", problem)
 
 
@@ -254,23 +265,37 @@ def check_owner(
         output of another configuration without ``overwrite``, and for an
         output that holds a protected path.
     """
-    path = Path(path)
-    _check_location(path)
-    if not path.exists():
-        return "absent"
-    resolved = path.resolve()
-    for keep in protected:
-        kept = Path(keep).resolve()
-        if _is_within(kept, resolved):
-            raise _refuse(
-                path, f"holds {kept}, which tilefusion must not touch; choose another path"
-            )
-    if not path.is_dir():
-        raise _refuse(path, "is a file, not an OME-Zarr folder; choose another path")
+    if fs.is_url(path):
+        url = os.fspath(path)
+        if fs.isfile(url):
+            raise _refuse(url, "is an object, not an OME-Zarr prefix; choose another path")
+        if not fs.exists(url):
+            return "absent"
+        for keep in protected:
+            if fs.is_url(keep) and _url_within(os.fspath(keep), url):
+                raise _refuse(
+                    url, f"holds {keep}, which tilefusion must not touch; choose another path"
+                )
+    else:
+        path = Path(path)
+        _check_location(path)
+        if not path.exists():
+            return "absent"
+        resolved = path.resolve()
+        for keep in protected:
+            if fs.is_url(keep):
+                continue
+            kept = Path(keep).resolve()
+            if _is_within(kept, resolved):
+                raise _refuse(
+                    path, f"holds {kept}, which tilefusion must not touch; choose another path"
+                )
+        if not path.is_dir():
+            raise _refuse(path, "is a file, not an OME-Zarr folder; choose another path")
     owner = read_owner(path)
     if owner is None:
         # Empty, or left holding only our identity's temporary file by a kill.
-        if all(p.name.startswith(f".{IDENTITY_FILE}.") for p in path.iterdir()):
+        if all(name.startswith(f".{IDENTITY_FILE}.") for name in fs.listdir(path)):
             return "absent"
         advice = (
             "output.overwrite only replaces outputs tilefusion wrote; "
@@ -290,11 +315,19 @@ def check_owner(
     )
 
 
-def _empty_folder(path: Path) -> None:
+def _empty_folder(path: str | Path) -> None:
     """Remove what is in ``path`` (a tilefusion output), keeping the folder (or link) itself.
 
     The identity record goes last, so an interrupted removal is still ours.
     """
+    if fs.is_url(path):
+        for entry in sorted(fs.listdir(path), key=lambda entry: entry == IDENTITY_FILE):
+            key = fs.join(path, entry)
+            # On an object store a name may be both an object and a prefix.
+            fs.remove_tree(key)
+            fs.remove(key)
+        return
+    path = Path(path)
     children = sorted(path.iterdir(), key=lambda child: child.name == IDENTITY_FILE)
     for child in children:
         if child.is_dir() and not child.is_symlink():
@@ -342,9 +375,9 @@ def _metadata_documents(
     return {key: buffer.to_bytes() for key, buffer in documents.items()}
 
 
-def _parsed(path: Path) -> Any:
+def _parsed(path: str) -> Any:
     try:
-        return json.loads(path.read_bytes())
+        return json.loads(fs.read_bytes(path))
     except (OSError, ValueError):
         return None
 
@@ -380,11 +413,11 @@ def prepare_store(
         ``"created"``, ``"resumed"``, ``"repaired"`` (resumed, with metadata
         written again) or ``"replaced"``.
     """
-    path = Path(path)
     state = check_owner(path, identity=identity, overwrite=overwrite, protected=protected)
+    path = os.fspath(path)
     if state == "replace":
         _empty_folder(path)
-    path.mkdir(parents=True, exist_ok=True)
+    fs.makedirs(path)
     if state == "resume":
         repaired = repair_metadata(
             plan, path, ngff=ngff, dtype=dtype, codec=codec, level=level, identity=identity
@@ -394,17 +427,17 @@ def prepare_store(
         plan, path, ngff=ngff, dtype=dtype, codec=codec, level=level, identity=identity
     )
     for key, data in documents.items():
-        write_bytes_atomic(path / key, data)
+        write_bytes_atomic(fs.join(path, key), data)
     return "replaced" if state == "replace" else "created"
 
 
 def _identity_and_documents(
-    plan: Plan, path: Path, *, ngff: NgffFormat, dtype: str, codec: str, level: int, identity: str
+    plan: Plan, path: str, *, ngff: NgffFormat, dtype: str, codec: str, level: int, identity: str
 ) -> dict[str, bytes]:
     """Put the identity record in place (first, when it is not), then make the metadata."""
     owner = {"identity": identity, "plan_dataset": plan.dataset}
-    if _parsed(path / IDENTITY_FILE) != owner:
-        write_json_atomic(path / IDENTITY_FILE, owner)
+    if _parsed(fs.join(path, IDENTITY_FILE)) != owner:
+        write_json_atomic(fs.join(path, IDENTITY_FILE), owner)
     return _metadata_documents(plan, ngff=ngff, dtype=dtype, codec=codec, level=level, owner=owner)
 
 
@@ -431,7 +464,7 @@ def repair_metadata(
     list of str
         The store keys written.
     """
-    path = Path(path)
+    path = os.fspath(path)
     documents = _identity_and_documents(
         plan, path, ngff=ngff, dtype=dtype, codec=codec, level=level, identity=identity
     )
@@ -451,11 +484,11 @@ def _usable(key: str, found: Any, expected: dict[str, Any], ngff: NgffFormat) ->
     return name == ".zgroup" or found.get("node_type") == "group"
 
 
-def _repair(path: Path, documents: dict[str, bytes], ngff: NgffFormat) -> list[str]:
+def _repair(path: str, documents: dict[str, bytes], ngff: NgffFormat) -> list[str]:
     written = []
     for key, data in documents.items():
-        if not _usable(key, _parsed(path / key), json.loads(data), ngff):
-            write_bytes_atomic(path / key, data)
+        if not _usable(key, _parsed(fs.join(path, key)), json.loads(data), ngff):
+            write_bytes_atomic(fs.join(path, key), data)
             written.append(key)
     return written
 
@@ -463,13 +496,14 @@ def _repair(path: Path, documents: dict[str, bytes], ngff: NgffFormat) -> list[s
 class OutputLock:
     """An exclusive lock on an output for the life of one run (see :func:`lock_output`)."""
 
-    def __init__(self, path: Path, handle: Any) -> None:
+    def __init__(self, path: Path | None, handle: Any) -> None:
         self.path = path
         self._handle = handle
 
     def release(self) -> None:
         """Drop the lock (the kernel also drops it when the process ends)."""
-        self._handle.close()
+        if self._handle is not None:
+            self._handle.close()
 
 
 def lock_output(path: str | Path) -> OutputLock:
@@ -480,6 +514,12 @@ def lock_output(path: str | Path) -> OutputLock:
     working directories cannot write one output at once, and a run that dies
     leaves no stale lock.
 
+    An output on an object store (a URL) gets no lock: ``flock`` needs a
+    local file, and object stores offer no lock a dying run would release.
+    This is logged; the identity record still keeps runs of other
+    configurations out (see :func:`check_owner`), but two runs of one
+    configuration must not write it at once.
+
     Raises
     ------
     InputError
@@ -488,6 +528,13 @@ def lock_output(path: str | Path) -> OutputLock:
     import fcntl
     import socket
 
+    if fs.is_url(path):
+        log.warning(
+            "%s: an output on an object store is not locked; do not start a second run on it "
+            "until this one ends",
+            path,
+        )
+        return OutputLock(None, None)
     path = Path(path)
     lock_path = path.with_name(f".{path.name}.lock")
     try:
@@ -523,7 +570,8 @@ def open_level(path: str | Path, level: int, *, mode: str = "r+") -> zarr.Array:
         When its metadata is missing or unreadable (the plan step writes it again).
     """
     try:
-        return zarr.open_array(str(Path(path) / str(level)), mode=mode)
+        store = fs.zarr_store(fs.join(path, str(level)), read_only=mode == "r")
+        return zarr.open_array(store, mode=mode)
     except Exception as exc:  # missing or damaged metadata
         raise InputError(
             f"{path}/{level}",
@@ -543,7 +591,7 @@ def write_ngff_metadata(
     dtype_max: float,
 ) -> dict[str, Any]:
     """Write ``multiscales`` and ``omero`` metadata into the output group."""
-    group = zarr.open_group(str(path), mode="r+")
+    group = zarr.open_group(fs.zarr_store(path, read_only=False), mode="r+")
     omero = {
         "name": name,
         "version": ngff.version,

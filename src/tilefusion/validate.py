@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from tilefusion import fs
 from tilefusion.devices import usable_cpus
 from tilefusion.plan import Plan
 from tilefusion.stats import merge_stats
@@ -29,7 +30,7 @@ from tilefusion.writer import object_digest
 __all__ = ["validate_output"]
 
 
-def _metadata_problems(store_path: Path, ngff: NgffFormat, plan: Plan) -> list[str]:
+def _metadata_problems(store_path: str, ngff: NgffFormat, plan: Plan) -> list[str]:
     try:
         return _ngff_problems(store_path, ngff, plan)
     except Exception as exc:  # metadata of an unexpected shape is a finding, not a crash
@@ -39,9 +40,9 @@ def _metadata_problems(store_path: Path, ngff: NgffFormat, plan: Plan) -> list[s
         ]
 
 
-def _ngff_problems(store_path: Path, ngff: NgffFormat, plan: Plan) -> list[str]:
+def _ngff_problems(store_path: str, ngff: NgffFormat, plan: Plan) -> list[str]:
     try:
-        group = zarr.open_group(str(store_path), mode="r")
+        group = zarr.open_group(fs.zarr_store(store_path), mode="r")
     except Exception as exc:  # any failure to open is a finding, not a crash
         return [f"{store_path}: cannot open the output group ({exc.__class__.__name__})"]
     ome = ngff.unwrap(dict(group.attrs))
@@ -78,7 +79,7 @@ def _ngff_problems(store_path: Path, ngff: NgffFormat, plan: Plan) -> list[str]:
     return problems
 
 
-def _schema_problems(store_path: Path, ngff: NgffFormat) -> list[str]:
+def _schema_problems(store_path: str, ngff: NgffFormat) -> list[str]:
     """Validate with ome-zarr-models where it is installed."""
     try:
         if ngff.version == "0.4":
@@ -88,27 +89,28 @@ def _schema_problems(store_path: Path, ngff: NgffFormat) -> list[str]:
     except ImportError:
         return []
     try:
-        Image.from_zarr(zarr.open_group(str(store_path), mode="r"))
+        Image.from_zarr(zarr.open_group(fs.zarr_store(store_path), mode="r"))
     except Exception as exc:  # report the model's complaint as a finding
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         return [f"{store_path}: OME-NGFF {ngff.version} metadata invalid: {first}"]
     return []
 
 
-def _open_level_array(store_path: Path, level_index: int) -> zarr.Array | str:
+def _open_level_array(store_path: str, level_index: int) -> zarr.Array | str:
     """A level's array, or why its metadata cannot be used."""
+    where = fs.join(store_path, str(level_index))
     try:
-        return zarr.open_array(str(store_path / str(level_index)), mode="r")
+        return zarr.open_array(fs.zarr_store(where), mode="r")
     except Exception as exc:  # missing or damaged metadata is a finding, not a crash
         return (
-            f"{store_path / str(level_index)}: level {level_index} array metadata "
+            f"{where}: level {level_index} array metadata "
             f"missing or unreadable ({exc.__class__.__name__})"
         )
 
 
-def _group_problem(store_path: Path) -> str | None:
+def _group_problem(store_path: str) -> str | None:
     try:
-        zarr.open_group(str(store_path), mode="r")
+        zarr.open_group(fs.zarr_store(store_path), mode="r")
     except Exception as exc:  # as above
         return (
             f"{store_path}: output group metadata missing or unreadable ({exc.__class__.__name__})"
@@ -144,7 +146,7 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
 _STATS_KEYS = ("voxels", "covered", "min", "max", "sum")
 
 
-def _digest(path: Path) -> str | None:
+def _digest(path: str) -> str | None:
     """SHA-256 of a stored object; a marker-proof token when it is not a readable file."""
     try:
         return object_digest(path)
@@ -178,7 +180,7 @@ def validate_output(
     Parameters
     ----------
     plan : Plan
-    store_path : path
+    store_path : path or URL
         The output group.
     ngff : NgffFormat
     markers : mapping of (level, range) to path
@@ -198,7 +200,7 @@ def validate_output(
         jobs read as no data, summed over jobs: a chunk two jobs read counts
         twice), ``warnings`` (one line each) and per-level statistics.
     """
-    store_path = Path(store_path)
+    store_path = str(store_path)
     problems: list[str] = []
     bad: set[tuple[int, int]] = set()
     level_stats: dict[int, list[Mapping[str, float | int]]] = {}
@@ -224,7 +226,7 @@ def validate_output(
     # while the metadata check (mostly importing its models) runs beside it.
     with ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
         metadata = None if structure else pool.submit(_metadata_problems, store_path, ngff, plan)
-        digests = dict(zip(keys, pool.map(lambda k: _digest(store_path / k), keys)))
+        digests = dict(zip(keys, pool.map(lambda k: _digest(fs.join(store_path, k)), keys)))
         metadata_problems = metadata.result() if metadata else []
     for (level_index, range_index), marker in loaded.items():
         level_stats.setdefault(level_index, []).append(marker.get("stats", {}))
@@ -238,7 +240,7 @@ def validate_output(
                 if found is not None and found.startswith("unreadable"):
                     what = f"not a readable file, {found}"
                 problems.append(
-                    f"{store_path / key}: {what} (level {level_index} range {range_index})"
+                    f"{fs.join(store_path, key)}: {what} (level {level_index} range {range_index})"
                 )
                 bad.add((level_index, range_index))
             elif found is not None and level_index in arrays and (decode_all or not decoded):
@@ -246,7 +248,7 @@ def validate_output(
                 relative = key.split("/", 1)[1]
                 if not _decodes(arrays[level_index], relative):
                     where = f"level {level_index} range {range_index}"
-                    problems.append(f"{store_path / key}: does not decode ({where})")
+                    problems.append(f"{fs.join(store_path, key)}: does not decode ({where})")
                     bad.add((level_index, range_index))
     problems.extend(structure)
     problems.extend(metadata_problems)

@@ -5,7 +5,8 @@ v3 chunks or shards), so they need none of zarr-python's read-modify-write
 machinery. :class:`LevelWriter` reads the array's own metadata
 (``zarr.json`` or ``.zarray``), encodes each object with numcodecs on the
 calling thread (the codecs release the GIL, so a job's threads encode in
-parallel) and writes it atomically: a temporary file, ``fsync``, rename. The
+parallel) and puts it in place atomically (:func:`tilefusion.fs.put_atomic`:
+locally a temporary file, ``fsync``, rename; on an object store one PUT). The
 SHA-256 of the bytes is taken from memory, not by reading the file back.
 Objects are readable by any Zarr implementation; the metadata is written by
 :mod:`tilefusion.store` and never touched here.
@@ -18,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from tilefusion import fs
 from tilefusion.errors import InputError
 from tilefusion.plan import Level, Shape3
 
@@ -62,11 +63,10 @@ def cast_into(block: NDArray[np.floating[Any]], out: NDArray[Any]) -> None:
     np.copyto(out, block, casting="unsafe")
 
 
-def object_digest(path: Path) -> str | None:
-    """SHA-256 of a stored object's bytes, or None when it does not exist."""
+def object_digest(path: str | Path) -> str | None:
+    """SHA-256 of a stored object's bytes (a local path or URL), or None when it does not exist."""
     try:
-        with path.open("rb") as handle:
-            return hashlib.sha256(handle.read()).hexdigest()
+        return hashlib.sha256(fs.read_bytes(path)).hexdigest()
     except FileNotFoundError:
         return None
 
@@ -117,19 +117,31 @@ def _v3_compressor(codecs: Sequence[dict[str, Any]], where: str) -> Any:
     raise UnsupportedLayout(f"{where}: codec {name!r} is not written by tilefusion")
 
 
-def _read_layout(array_path: Path) -> _Layout:
+def _metadata(array_path: str) -> tuple[str, dict[str, Any]] | None:
+    """``(document name, parsed document)`` of an array's metadata (v3 first), or None."""
+    for document in ("zarr.json", ".zarray"):
+        try:
+            raw = fs.read_bytes(fs.join(array_path, document))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        return document, json.loads(raw)
+    return None
+
+
+def _read_layout(array_path: str) -> _Layout:
     try:
-        if (array_path / "zarr.json").exists():
-            return _v3_layout(array_path)
-        if (array_path / ".zarray").exists():
-            return _v2_layout(array_path)
+        found = _metadata(array_path)
+        if found is not None:
+            document, meta = found
+            where = fs.join(array_path, document)
+            return _v3_layout(meta, where) if document == "zarr.json" else _v2_layout(meta, where)
         problem = "no zarr.json or .zarray"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         if isinstance(exc, UnsupportedLayout):
             raise
         problem = f"unreadable ({exc.__class__.__name__})"
     raise InputError(
-        str(array_path),
+        array_path,
         "array metadata",
         f"{problem}; rerun the job (tilefusion mends it), or snakemake --forcerun assemble",
     )
@@ -138,15 +150,13 @@ def _read_layout(array_path: Path) -> _Layout:
 def layout_problem(array_path: str | Path) -> str | None:
     """Why an array's metadata cannot be written to (missing, unreadable), or None."""
     try:
-        _read_layout(Path(array_path))
+        _read_layout(os.fspath(array_path))
     except InputError as exc:
         return str(exc)
     return None
 
 
-def _v3_layout(array_path: Path) -> _Layout:
-    where = str(array_path / "zarr.json")
-    meta = json.loads((array_path / "zarr.json").read_text())
+def _v3_layout(meta: dict[str, Any], where: str) -> _Layout:
     outer = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
     encoding = meta.get("chunk_key_encoding", {"name": "default"})
     separator = encoding.get("configuration", {}).get(
@@ -176,11 +186,9 @@ def _v3_layout(array_path: Path) -> _Layout:
     )
 
 
-def _v2_layout(array_path: Path) -> _Layout:
+def _v2_layout(meta: dict[str, Any], where: str) -> _Layout:
     import numcodecs
 
-    where = str(array_path / ".zarray")
-    meta = json.loads((array_path / ".zarray").read_text())
     if meta.get("filters") or meta.get("order", "C") != "C":
         raise UnsupportedLayout(f"{where}: filters or Fortran order are not written")
     compressor = meta.get("compressor")
@@ -201,7 +209,7 @@ class LevelWriter:
 
     Parameters
     ----------
-    root : path
+    root : path or URL
         The output group.
     level_index : int
         Which level (its array is ``root/<level_index>``).
@@ -215,13 +223,14 @@ class LevelWriter:
     """
 
     def __init__(self, root: str | Path, level_index: int, level: Level) -> None:
-        self.root = Path(root)
+        self.root = os.fspath(root)
         self.level_index = level_index
         self.level = level
-        self.layout = _read_layout(self.root / str(level_index))
+        self._remote = fs.is_url(self.root)
+        self.layout = _read_layout(fs.join(self.root, str(level_index)))
         if tuple(self.layout.shape) != tuple(level.shape_zyx):
             raise UnsupportedLayout(
-                f"{self.root / str(level_index)}: array shape {list(self.layout.shape)} "
+                f"{fs.join(self.root, str(level_index))}: array shape {list(self.layout.shape)} "
                 f"is not the plan's {list(level.shape_zyx)}"
             )
 
@@ -272,7 +281,7 @@ class LevelWriter:
                 )
                 payload = self._encode_object(block[local])
             key = f"{self.level_index}/{self._key(index)}"
-            out[key] = self._store(self.root / key, payload)
+            out[key] = self._store(fs.join(self.root, key), payload)
         return out
 
     def _encode_object(self, data: NDArray[Any]) -> bytes | None:
@@ -319,26 +328,18 @@ class LevelWriter:
         checksum = np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes()
         return b"".join([*parts, index_bytes, checksum])
 
-    @staticmethod
-    def _store(path: Path, payload: bytes | None) -> str | None:
-        if path.is_dir() and not path.is_symlink():
+    def _store(self, path: str, payload: bytes | None) -> str | None:
+        # On an object store a key and a "folder" of that name can coexist: no damage to mend.
+        if not self._remote and os.path.isdir(path) and not os.path.islink(path):
             # A folder where this job's object belongs (damage): the key is ours.
             shutil.rmtree(path)
         if payload is None:
             # An earlier run may have stored data here; the plan says it is empty now.
-            path.unlink(missing_ok=True)
+            fs.remove(path)
             return None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-        try:
-            with temporary.open("wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            # Readers never see a half-written object, and a killed job leaves the old one.
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        # Readers never see a half-written object, and a killed job leaves the old
+        # one. The folder is not synced: the marker, written after, vouches for it.
+        fs.put_atomic(path, payload, sync_folder=False)
         return hashlib.sha256(payload).hexdigest()
 
 

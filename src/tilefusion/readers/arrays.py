@@ -9,7 +9,8 @@ Backends
 zarr
     Zarr v2 and v3, read-only. A path (or key) naming an OME-Zarr multiscale
     group resolves to its first dataset (level 0); a plain group resolves to
-    its array ``"0"``. Arrays in a local folder with a plain layout are opened
+    its array ``"0"``. Arrays with a plain layout, in a local folder or at a
+    URL (``s3://``, through :mod:`tilefusion.fs`), are opened
     from their JSON metadata and read chunk by chunk here (numcodecs decodes),
     without importing zarr-python or running its event loop: v2 with a
     ``zstd``, ``blosc``, ``gzip``, ``lz4`` or no compressor, no filters and C
@@ -20,9 +21,9 @@ zarr
     see :func:`open_array`), so overlapping crops decode a chunk about once.
     Absent chunks (and inner chunks) read as the fill value; their keys are
     collected in ``absent_chunks``.
-    Every other array (remote stores, other codecs,
-    transposes, filters, consolidated groups) and every error goes through
-    zarr-python.
+    Every other array (other codecs, transposes, filters, consolidated
+    groups) and every error goes through zarr-python (with the same
+    file-system options for URLs).
 n5
     A small reader written here (zarr-python 3 has no N5 support):
     ``attributes.json`` gives ``dimensions`` and ``blockSize`` in **xyz**
@@ -31,15 +32,16 @@ n5
     ``ndim`` uint32 block sizes) followed by big-endian data. Compression
     ``raw``, ``gzip``, ``bzip2``, ``xz``, ``zstd`` and ``blosc`` are read;
     absent blocks read as zeros (and are listed in ``absent_chunks``). A group
-    holding ``s0`` (BDV) resolves to it.
+    holding ``s0`` (BDV) resolves to it. Local or at a URL.
 hdf5
-    h5py. Legacy BigDataViewer HDF5 files store unsigned 16-bit pixels as
+    h5py; a file at a URL is read through an fsspec file object. Legacy
+    BigDataViewer HDF5 files store unsigned 16-bit pixels as
     ``int16`` without a ``dataType`` attribute; such ``t*/s*/*/cells``
     datasets are reinterpreted as ``uint16``, as BigDataViewer does.
 tiff
     tifffile, memory-mapped where the file allows it and through tifffile's
     Zarr store otherwise (compressed or tiled files). The source key may select
-    ``series=S`` and ``channel=C`` (on the series' ``C`` axis).
+    ``series=S`` and ``channel=C`` (on the series' ``C`` axis). Local files only.
 memory
     Arrays registered in-process with :func:`register_memory_array` (tests).
 
@@ -50,6 +52,7 @@ OME-Zarr tile) and are dropped; a 2D array is read as one z plane.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import functools
 import gzip
 import itertools
@@ -66,11 +69,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from tilefusion import fs
 from tilefusion.errors import InputError
 from tilefusion.readers.base import ArraySource
 
@@ -314,14 +318,15 @@ def _open_memory(source: ArraySource, *, chunk_cache: ChunkCache | None = None) 
 
 def _open_zarr(source: ArraySource, *, chunk_cache: ChunkCache | None = None) -> TileArray:
     where = (source.path, _field(source))
-    chunks = _open_local_zarr(source, cache=chunk_cache)
+    chunks = _open_direct_zarr(source, cache=chunk_cache)
     if chunks is not None:
         template = _spatial_template(chunks.shape, source=source.path, field=_field(source))
         return _IndexedArray(chunks, template, chunks.dtype, where=where, fresh_reads=True)
     import zarr
 
     try:
-        node: Any = zarr.open(store=source.path, path=source.key or None, mode="r")
+        store = fs.zarr_store(source.path)
+        node: Any = zarr.open(store=store, path=source.key or None, mode="r")
     except FileNotFoundError:
         raise InputError(source.path, _field(source), "zarr array or group not found") from None
     except Exception as exc:
@@ -369,15 +374,17 @@ def _zarr_level0(group: Any, source: ArraySource) -> Any:
 
 
 # ---------------------------------------------------------------------------
-# zarr: local metadata without zarr-python
+# zarr: metadata without zarr-python
 
 
 class _ZarrPythonDecides(Exception):
     """The local metadata reader leaves this node to zarr-python."""
 
 
-def _open_local_zarr(source: ArraySource, *, cache: ChunkCache | None = None) -> _ZarrChunks | None:
-    """The direct reader of a local Zarr node, resolved from its JSON metadata files.
+def _open_direct_zarr(
+    source: ArraySource, *, cache: ChunkCache | None = None
+) -> _ZarrChunks | None:
+    """The direct reader of a Zarr node (local or a URL), resolved from its JSON metadata files.
 
     Importing zarr-python costs a fresh process about 0.3 s, which every fuse
     job would pay only to read a few small JSON files. The node resolves as
@@ -387,28 +394,29 @@ def _open_local_zarr(source: ArraySource, *, cache: ChunkCache | None = None) ->
     Returns
     -------
     _ZarrChunks or None
-        ``None`` leaves the node to zarr-python: remote stores, anything
-        missing or malformed (so errors keep zarr-python's outcome and
-        wording), groups with consolidated metadata (zarr-python looks their
-        children up there), folders holding both v2 and v3 metadata, data
+        ``None`` leaves the node to zarr-python: chained fsspec URLs
+        (``simplecache::s3://``), anything missing or malformed (so errors
+        keep zarr-python's outcome and wording), groups with consolidated
+        metadata (zarr-python looks their children up there), folders
+        holding both v2 and v3 metadata, data
         types and fill values beyond plain numbers, and layouts that
         :class:`_ZarrChunks` does not read.
     """
-    if "://" in source.path or "::" in source.path:
-        return None  # an fsspec URL, as zarr-python tells them from local paths
+    if "::" in source.path:
+        return None  # a chained fsspec URL: its caches and options are zarr-python's
     try:
-        folder = Path(source.path).joinpath(*_zarr_path(source.key))
+        folder = fs.join(source.path, *_zarr_path(source.key))
         fmt, kind, meta = _zarr_node(folder, None)
         if kind == "group":
             if meta.get("consolidated_metadata") is not None or (
-                fmt == 2 and (folder / ".zmetadata").exists()
+                fmt == 2 and fs.exists(fs.join(folder, ".zmetadata"))
             ):
                 raise _ZarrPythonDecides
             name = _level0_name(meta.get("attributes") or {})
             parts = _zarr_path(name) if name is not None else []
             if not parts or "/".join(parts) != name:
                 raise _ZarrPythonDecides
-            folder = folder.joinpath(*parts)
+            folder = fs.join(folder, *parts)
             _, kind, meta = _zarr_node(folder, fmt)
             if kind != "array":
                 raise _ZarrPythonDecides
@@ -427,29 +435,32 @@ def _zarr_path(key: str) -> list[str]:
     return parts
 
 
-def _zarr_node(folder: Path, zarr_format: int | None) -> tuple[int, str, dict[str, Any]]:
+def _zarr_node(folder: str, zarr_format: int | None) -> tuple[int, str, dict[str, Any]]:
     """``(format, "array" or "group", metadata)`` of the Zarr node in ``folder``.
 
     ``zarr_format`` ``None`` looks for either format (v3 first), as
     :func:`zarr.open` does; a group's children have the group's format. The
     v2 metadata gets the ``.zattrs`` object as ``"attributes"``, as in v3.
     """
-    v3 = _json_object(folder / "zarr.json") if zarr_format != 2 else None
+    v3 = _json_object(fs.join(folder, "zarr.json")) if zarr_format != 2 else None
     if v3 is not None:
         kind = v3.get("node_type")
         if (
             v3.get("zarr_format") != 3
             or kind not in ("array", "group")
             # zarr-python warns, then reads the v3 node; let it.
-            or (zarr_format is None and any((folder / n).exists() for n in (".zarray", ".zgroup")))
+            or (
+                zarr_format is None
+                and any(fs.exists(fs.join(folder, n)) for n in (".zarray", ".zgroup"))
+            )
         ):
             raise _ZarrPythonDecides
         return 3, kind, v3
     if zarr_format == 3:
         raise _ZarrPythonDecides
-    attrs = _json_object(folder / ".zattrs")
+    attrs = _json_object(fs.join(folder, ".zattrs"))
     for kind, name in (("array", ".zarray"), ("group", ".zgroup")):
-        meta = _json_object(folder / name)
+        meta = _json_object(fs.join(folder, name))
         if meta is not None:
             if meta.get("zarr_format") != 2 or "attributes" in meta:
                 raise _ZarrPythonDecides
@@ -457,10 +468,10 @@ def _zarr_node(folder: Path, zarr_format: int | None) -> tuple[int, str, dict[st
     raise _ZarrPythonDecides
 
 
-def _json_object(path: Path) -> dict[str, Any] | None:
+def _json_object(path: str) -> dict[str, Any] | None:
     """The JSON object in ``path``; ``None`` if there is no such file."""
     try:
-        raw = path.read_bytes()
+        raw = fs.read_bytes(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
     out = json.loads(raw)
@@ -718,7 +729,7 @@ class ChunkCache:
 
 
 class _ZarrChunks:
-    """One Zarr array in a local folder, read chunk by chunk without zarr-python.
+    """One Zarr array (a local folder or a URL), read chunk by chunk without zarr-python.
 
     zarr-python 3 runs every read through its event loop with a task per
     chunk and codec, and its threads contend for locks; for plain
@@ -737,8 +748,8 @@ class _ZarrChunks:
 
     Parameters
     ----------
-    folder : Path
-        The array's folder.
+    folder : str
+        The array's folder (local path or URL).
     layout : _ZarrLayout
         How its chunks are stored.
     shape : sequence of int
@@ -764,7 +775,7 @@ class _ZarrChunks:
 
     def __init__(
         self,
-        folder: Path,
+        folder: str,
         layout: _ZarrLayout,
         *,
         shape: Sequence[int],
@@ -802,7 +813,7 @@ class _ZarrChunks:
     @classmethod
     def from_metadata(
         cls,
-        folder: Path,
+        folder: str,
         meta: dict[str, Any],
         *,
         cache: ChunkCache | None = None,
@@ -811,8 +822,8 @@ class _ZarrChunks:
 
         Parameters
         ----------
-        folder : Path
-            The array's folder.
+        folder : str
+            The array's folder (local path or URL).
         meta : dict
             The ``zarr.json`` object, or the ``.zarray`` one with the
             ``.zattrs`` object as ``"attributes"``.
@@ -865,7 +876,8 @@ class _ZarrChunks:
 
         if not isinstance(node.store, LocalStore):
             return None
-        folder = Path(node.store.root) / node.path if node.path else Path(node.store.root)
+        root = Path(node.store.root)
+        folder = str(root / node.path if node.path else root)
         dtype = np.dtype(node.dtype)
         if dtype.kind not in _DIRECT_KINDS or dtype.fields is not None or len(node.shape) < 1:
             return None
@@ -876,7 +888,7 @@ class _ZarrChunks:
         )
         if layout is None or len(layout.chunks) != len(node.shape):
             return None
-        if not folder.is_dir():
+        if not os.path.isdir(folder):
             return None
         # zarr-python reads a v2 null fill value as zero.
         fill = node.fill_value if node.fill_value is not None else np.zeros((), dtype)[()]
@@ -925,7 +937,7 @@ class _ZarrChunks:
         """The decoded chunk ``coords``; ``None`` if it was never written."""
         key = self._key(coords)
         try:
-            raw = (self._folder / key).read_bytes()
+            raw = fs.read_bytes(fs.join(self._folder, key))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             # zarr-python's local store answers these as "no such chunk".
             self._absent.add(key)
@@ -972,7 +984,7 @@ class _ZarrChunks:
         """Read the inner chunks ``mine`` and ``theirs`` (see :meth:`ChunkCache.claim`)."""
         key = self._key(coords)
         try:
-            fh = (self._folder / key).open("rb")
+            fh = fs.open_blob(fs.join(self._folder, key))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             for chunk_key in (*mine, *theirs):
                 inner, dst, _ = blocks[chunk_key]
@@ -1022,7 +1034,7 @@ class _ZarrChunks:
                 out[dst] = self._fill if loaded is None else loaded[src]
 
     def _load_inner(
-        self, fh: BinaryIO, key: str, index: NDArray[np.uint64], inner: tuple[int, ...]
+        self, fh: fs.BlobReader, key: str, index: NDArray[np.uint64], inner: tuple[int, ...]
     ) -> NDArray[Any] | None:
         """Inner chunk ``inner`` of open shard ``fh``; ``None`` if it was never written."""
         offset, nbytes = (int(v) for v in index[inner])
@@ -1039,24 +1051,22 @@ class _ZarrChunks:
         return f"{key}[{','.join(str(c) for c in inner)}]"
 
     @staticmethod
-    def _read_exactly(fh: BinaryIO, key: str, offset: int, size: int) -> memoryview:
-        fh.seek(offset)
-        raw = fh.read(size)
+    def _read_exactly(fh: fs.BlobReader, key: str, offset: int, size: int) -> memoryview:
+        raw = fh.read(offset, size)
         if len(raw) != size:
             raise ValueError(f"shard {key} is truncated")
         return memoryview(raw)
 
-    def _shard_index(self, fh: BinaryIO, key: str) -> NDArray[np.uint64]:
+    def _shard_index(self, fh: fs.BlobReader, key: str) -> NDArray[np.uint64]:
         """The ``(chunks per shard..., 2)`` table of (offset, length) of open shard ``fh``."""
         size = self._index_size
+        start = 0
         if self._layout.index_at_end:
-            total = os.fstat(fh.fileno()).st_size
+            total = fh.size()
             if total < size:
                 raise ValueError(f"shard {key} is shorter than its index")
-            fh.seek(total - size)
-        else:
-            fh.seek(0)
-        raw = fh.read(size)
+            start = total - size
+        raw = fh.read(start, size)
         if len(raw) != size:
             raise ValueError(f"shard {key} is shorter than its index")
         if self._layout.index_crc:
@@ -1252,16 +1262,18 @@ class _N5Array:
     """One N5 dataset; reads only the blocks a crop touches."""
 
     def __init__(self, source: ArraySource) -> None:
-        root = Path(source.path)
+        root = source.path
         self._source = source.path
-        if not root.is_dir():
+        if not fs.isdir(root):
             raise InputError(source.path, "n5", "N5 container not found")
-        folder = root / source.key if source.key else root
+        parts = [p for p in source.key.replace("\\", "/").split("/") if p]
+        folder = fs.join(root, *parts)
         attrs = self._attributes(folder)
-        if "dimensions" not in attrs and (folder / "s0" / "attributes.json").is_file():
-            folder = folder / "s0"
+        if "dimensions" not in attrs and fs.isfile(fs.join(folder, "s0", "attributes.json")):
+            folder = fs.join(folder, "s0")
+            parts.append("s0")
             attrs = self._attributes(folder)
-        field = f"{folder.relative_to(root).as_posix()}/attributes.json"
+        field = f"{'/'.join(parts) or '.'}/attributes.json"
         try:
             dims = [int(v) for v in attrs["dimensions"]]
             block = [int(v) for v in attrs["blockSize"]]
@@ -1289,11 +1301,10 @@ class _N5Array:
         self._stored = dtype.newbyteorder(">")
         self._absent: set[str] = set()
 
-    def _attributes(self, folder: Path) -> dict[str, Any]:
-        path = folder / "attributes.json"
+    def _attributes(self, folder: str) -> dict[str, Any]:
+        path = fs.join(folder, "attributes.json")
         try:
-            with path.open("rb") as fh:
-                out = json.load(fh)
+            out = json.loads(fs.read_bytes(path))
         except FileNotFoundError:
             raise InputError(str(path), "attributes.json", "N5 dataset not found") from None
         except (OSError, ValueError) as exc:
@@ -1342,9 +1353,9 @@ class _N5Array:
     def _read_block(self, index_zyx: Index3) -> NDArray[Any] | None:
         grid = [0] * self._lead + list(index_zyx)
         grid_s = [str(i) for i in grid]
-        path = self._folder.joinpath(*reversed(grid_s))
+        path = fs.join(self._folder, *reversed(grid_s))
         try:
-            raw = path.read_bytes()
+            raw = fs.read_bytes(path)
         except FileNotFoundError:
             self._absent.add("/".join(reversed(grid_s)))
             return None
@@ -1451,15 +1462,27 @@ def write_n5_array(
 _BDV_CELLS = re.compile(r"^/?t\d+/(s\d+)/\d+/cells$")
 
 
+@contextlib.contextmanager
+def _h5_file(path: str) -> Iterator[Any]:
+    """An open ``h5py.File`` of a local path, or of a URL through an fsspec file object."""
+    import h5py
+
+    if not fs.is_url(path):
+        with h5py.File(path, "r") as fh:
+            yield fh
+        return
+    # h5py does not close a file object it was given: the stack closes both.
+    with fs.open_read(path) as handle, h5py.File(handle, "r") as fh:
+        yield fh
+
+
 class _Hdf5Array:
     """One HDF5 dataset; the file is opened per read so the object pickles."""
 
     def __init__(self, source: ArraySource) -> None:
-        import h5py
-
         self._path = source.path
         try:
-            with h5py.File(source.path, "r") as fh:
+            with _h5_file(source.path) as fh:
                 key = self._resolve(fh, source.key or "/", source)
                 ds = fh[key]
                 shape = tuple(int(n) for n in ds.shape)
@@ -1527,13 +1550,13 @@ class _Hdf5Array:
         return frozenset()
 
     def read(self, lo_zyx: Sequence[int], hi_zyx: Sequence[int]) -> NDArray[Any]:
-        import h5py
-
-        try:
-            fh = h5py.File(self._path, "r")
-        except OSError as exc:
-            raise InputError(self._path, f"dataset {self._key!r}", f"cannot open: {exc}") from exc
-        with fh:
+        with contextlib.ExitStack() as stack:
+            try:
+                fh = stack.enter_context(_h5_file(self._path))
+            except OSError as exc:
+                raise InputError(
+                    self._path, f"dataset {self._key!r}", f"cannot open: {exc}"
+                ) from exc
             return self._index.read_from(fh[self._key], lo_zyx, hi_zyx)
 
 
@@ -1563,6 +1586,13 @@ def _tiff_options(source: ArraySource) -> dict[str, int]:
 def _open_tiff(source: ArraySource, *, chunk_cache: ChunkCache | None = None) -> TileArray:
     import tifffile
 
+    if fs.is_url(source.path):
+        raise InputError(
+            source.path,
+            "tiff",
+            "TIFF tiles are read from local (or mounted) files only; copy the file there, "
+            "or convert the tiles to OME-Zarr",
+        )
     options = _tiff_options(source)
     series = options.get("series", 0)
     try:
@@ -1676,7 +1706,7 @@ def stored_levels(source: ArraySource) -> tuple[StoredLevel, ...]:
         attributes of the folder two levels up, as bdv-core writes them) or
         else from each level's own ``downsamplingFactors``.
     zarr
-        A local OME-Zarr multiscales group (0.4, or 0.5 under ``"ome"``): its
+        An OME-Zarr multiscales group (0.4, or 0.5 under ``"ome"``): its
         ``datasets``, factors and offsets from their ``scale`` and
         ``translation`` against the first dataset's (the last three axes).
 
@@ -1701,7 +1731,8 @@ def stored_levels(source: ArraySource) -> tuple[StoredLevel, ...]:
             found = _zarr_levels(source)
         else:
             found = []
-    except (OSError, ValueError, KeyError, TypeError, IndexError, InputError, _ZarrPythonDecides):
+    except Exception:  # odd metadata, no access, an object store's error
+        # Stored levels only spare reads: whatever keeps them from view leaves level 0.
         found = []
     return (_level0_of(source), *found)
 
@@ -1710,9 +1741,7 @@ _BDV_LEVEL0_CELLS = re.compile(r"^/?(t\d+)/(s\d+)/0/cells$")
 
 
 def _hdf5_levels(source: ArraySource) -> list[StoredLevel]:
-    import h5py
-
-    with h5py.File(source.path, "r") as fh:
+    with _h5_file(source.path) as fh:
         key = _Hdf5Array._resolve(fh, source.key or "/", source)
         match = _BDV_LEVEL0_CELLS.match(key)
         if match is None:
@@ -1733,21 +1762,21 @@ def _hdf5_levels(source: ArraySource) -> list[StoredLevel]:
 
 
 def _n5_levels(source: ArraySource) -> list[StoredLevel]:
-    root = Path(source.path)
+    root = source.path
     key = [p for p in source.key.replace("\\", "/").split("/") if p]
-    folder = root.joinpath(*key)
-    if "dimensions" not in (_json_object(folder / "attributes.json") or {}):
+    folder = fs.join(root, *key)
+    if "dimensions" not in (_json_object(fs.join(folder, "attributes.json")) or {}):
         key.append("s0")  # a BDV group resolves to its s0 (see _N5Array)
     if not key or key[-1] != "s0":
         return []
     parent = key[:-1]
-    setup = _json_object(root.joinpath(*parent[:-1], "attributes.json")) if parent else None
+    setup = _json_object(fs.join(root, *parent[:-1], "attributes.json")) if parent else None
     table = (setup or {}).get("downsamplingFactors")
     out: list[StoredLevel] = []
     level = 1
     while True:
         level_key = [*parent, f"s{level}"]
-        attrs = _json_object(root.joinpath(*level_key, "attributes.json"))
+        attrs = _json_object(fs.join(root, *level_key, "attributes.json"))
         if attrs is None:
             return out
         stated = None
@@ -1789,10 +1818,10 @@ def _ngff_placement(dataset: Any) -> tuple[NDArray[np.float64], NDArray[np.float
 
 
 def _zarr_levels(source: ArraySource) -> list[StoredLevel]:
-    if "://" in source.path or "::" in source.path:
+    if "::" in source.path:
         return []
     key = _zarr_path(source.key)
-    _, kind, meta = _zarr_node(Path(source.path).joinpath(*key), None)
+    _, kind, meta = _zarr_node(fs.join(source.path, *key), None)
     if kind != "group":
         return []
     attrs = dict(meta.get("attributes") or {})

@@ -47,6 +47,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from tilefusion import fs
 from tilefusion.errors import InputError
 from tilefusion.geometry import affine_to_bdv, check_affine, compose
 from tilefusion.readers.base import ArraySource, Dataset, View
@@ -173,7 +174,7 @@ def read_bdv_xml(path: str | os.PathLike[str]) -> Dataset:
     root = _parse(xml_path, src)
     if root.tag != "SpimData":
         raise InputError(src, root.tag, "not a SpimData XML (root element must be <SpimData>)")
-    base = _base_path(root, xml_path)
+    base = _base_path(root, xml_path, src)
     seq = root.find("SequenceDescription")
     if seq is None:
         raise InputError(src, "SequenceDescription", "missing: the XML describes no views")
@@ -230,6 +231,8 @@ def read_bdv_xml(path: str | os.PathLike[str]) -> Dataset:
 
 def _parse(xml_path: Path, src: str) -> ET.Element:
     try:
+        if fs.is_url(src):
+            return ET.fromstring(fs.read_bytes(src))
         return ET.parse(xml_path).getroot()
     except FileNotFoundError:
         raise InputError(src, "", "file not found") from None
@@ -261,10 +264,14 @@ def _floats(text: str, count: int, *, src: str, field: str) -> list[float]:
     return values
 
 
-def _base_path(root: ET.Element, xml_path: Path) -> Path:
-    folder = xml_path.resolve().parent
+def _base_path(root: ET.Element, xml_path: Path, src: str) -> Path | str:
+    """The folder relative paths start from: a URL (a string) for an XML at a URL."""
     elem = root.find("BasePath")
     text = _text(elem)
+    if fs.is_url(src):
+        absolute = elem is not None and elem.get("type", "relative") == "absolute"
+        return text if absolute and text else fs.join(fs.parent(src), text)
+    folder = xml_path.resolve().parent
     if not text:
         return folder
     if elem is not None and elem.get("type", "relative") == "absolute":
@@ -383,16 +390,18 @@ def _join(base: str, *parts: str) -> str:
     return str(Path(base).joinpath(*parts))
 
 
-def _loader_path(elem: ET.Element | None, base: Path, *, src: str, field: str) -> str:
+def _loader_path(elem: ET.Element | None, base: Path | str, *, src: str, field: str) -> str:
     text = _text(elem)
     if elem is None or not text:
         raise InputError(src, field, "missing path")
     if "://" in text or elem.get("type", "relative") == "absolute":
         return text
+    if isinstance(base, str):  # a URL
+        return fs.join(base, text)
     return str((base / text).resolve())
 
 
-def _parse_loader(seq: ET.Element, base: Path, src: str) -> Callable[[int, int], ArraySource]:
+def _parse_loader(seq: ET.Element, base: Path | str, src: str) -> Callable[[int, int], ArraySource]:
     elem = seq.find("ImageLoader")
     if elem is None:
         return lambda s, t: ArraySource("unsupported", src, "(no ImageLoader)")
@@ -412,7 +421,7 @@ def _parse_loader(seq: ET.Element, base: Path, src: str) -> Callable[[int, int],
 
 
 def _multimg_zarr(
-    elem: ET.Element, base: Path, *, src: str, field: str
+    elem: ET.Element, base: Path | str, *, src: str, field: str
 ) -> Callable[[int, int], ArraySource]:
     zarr_elem = elem.find("zarr")
     bucket = _text(elem.find("s3bucket"))
@@ -446,7 +455,7 @@ def _multimg_zarr(
 
 
 def _filemap(
-    elem: ET.Element, base: Path, *, src: str, field: str
+    elem: ET.Element, base: Path | str, *, src: str, field: str
 ) -> Callable[[int, int], ArraySource]:
     files_elem = elem.find("files")
     if files_elem is None or files_elem.find("FileMapping") is None:

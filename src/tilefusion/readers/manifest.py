@@ -88,6 +88,7 @@ from typing import Any, cast, get_args
 
 import numpy as np
 
+from tilefusion import fs
 from tilefusion.errors import InputError
 from tilefusion.geometry import check_affine
 from tilefusion.readers.base import ArrayFormat, ArraySource, Dataset, View
@@ -251,9 +252,10 @@ def _guess_format(location: str) -> ArrayFormat | None:
     fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
     if fmt is not None:
         return fmt
-    if any((path / name).exists() for name in ("zarr.json", ".zarray", ".zgroup")):
+    folder = location.rstrip("/")
+    if any(fs.exists(fs.join(folder, name)) for name in ("zarr.json", ".zarray", ".zgroup")):
         return "zarr"
-    if (path / "attributes.json").exists():
+    if fs.exists(fs.join(folder, "attributes.json")):
         return "n5"
     return None
 
