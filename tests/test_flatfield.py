@@ -93,7 +93,9 @@ def test_profiles_given_as_files_are_checked(tmp_path):
 
     good = tmp_path / "flat.tif"
     tifffile.imwrite(good, _shading().astype(np.float32))
-    read = flatfield.read_profile(good, shape_yx=SHAPE_YX, field="fusion.flatfield.flatfield")
+    read = flatfield.read_profile(
+        good, shape_yx=SHAPE_YX, field="fusion.flatfield.flatfield", positive=True
+    )
     np.testing.assert_allclose(read, _shading(), rtol=1e-6)
     np.save(tmp_path / "small.npy", np.ones((8, 8)))
     with pytest.raises(InputError, match=r"small.npy: fusion.flatfield.flatfield: shape \[8, 8\]"):
@@ -103,7 +105,10 @@ def test_profiles_given_as_files_are_checked(tmp_path):
     np.save(tmp_path / "zero.npy", np.zeros(SHAPE_YX))
     with pytest.raises(InputError, match="must be positive everywhere"):
         flatfield.read_profile(
-            tmp_path / "zero.npy", shape_yx=SHAPE_YX, field="fusion.flatfield.flatfield"
+            tmp_path / "zero.npy",
+            shape_yx=SHAPE_YX,
+            field="fusion.flatfield.flatfield",
+            positive=True,
         )
     with pytest.raises(InputError, match="file not found"):
         flatfield.read_profile(tmp_path / "nope.npy", shape_yx=SHAPE_YX, field="f")

@@ -221,3 +221,34 @@ def test_workflow_runs_the_correction_steps_when_asked(demo_xml, tmp_path):
     assert listed.returncode == 0, listed.stderr
     for rule in ("flatfield", "intensity", "fuse", "validate"):
         assert re.search(rf"^{rule}\s+1?\d*$", listed.stdout, re.M), (rule, listed.stdout)
+
+
+def test_tile_corrections_are_built_from_the_correction_files(demo_xml, tmp_path):
+    from tilefusion import flatfield
+
+    plan = _plan(demo_xml, tmp_path)
+    assert steps.tile_corrections(plan) == {}
+    names = [t.name for t in plan.tiles]
+    document = {
+        "tilefusion_intensity": 1,
+        "model": "gain_offset",
+        "tiles": {names[0]: {"gain": 1.25, "offset": -3.0}},
+        "pairs": [],
+    }
+    intensity.write_intensity(tmp_path / "intensity.json", document)
+    shape_yx = plan.tiles[0].shape_zyx[1:]
+    flat = np.full(shape_yx, 0.5, dtype=np.float32)
+    flatfield.write_profiles(tmp_path / "f.npy", tmp_path / "d.npy", flat, np.zeros_like(flat))
+    found = steps.tile_corrections(
+        plan,
+        intensity_path=str(tmp_path / "intensity.json"),
+        flatfield_path=str(tmp_path / "f.npy"),
+        darkfield_path=str(tmp_path / "d.npy"),
+    )
+    assert (found[names[0]].gain, found[names[0]].offset) == (1.25, -3.0)
+    assert (found[names[1]].gain, found[names[1]].offset) == (1.0, 0.0)  # not named: unchanged
+    assert found[names[0]].flatfield is found[names[1]].flatfield  # one profile, shared
+    assert found[names[0]].darkfield is None  # a zero darkfield changes nothing
+    np.save(tmp_path / "f.npy", np.ones((3, 3)))
+    with pytest.raises(InputError, match=r"f.npy: fusion.flatfield: shape \[3, 3\]"):
+        steps.tile_corrections(plan, flatfield_path=str(tmp_path / "f.npy"))

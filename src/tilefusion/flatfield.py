@@ -258,7 +258,9 @@ def apply_profiles(
     return np.where(raw != 0, out, 0.0).astype(np.float32)
 
 
-def read_profile(path: str | Path, *, shape_yx: Sequence[int], field: str) -> NDArray[np.float32]:
+def read_profile(
+    path: str | Path, *, shape_yx: Sequence[int], field: str, positive: bool = False
+) -> NDArray[np.float32]:
     """Read a profile (``.npy``, ``.tif``/``.tiff``) and check it against the tiles.
 
     Raises
@@ -266,7 +268,7 @@ def read_profile(path: str | Path, *, shape_yx: Sequence[int], field: str) -> ND
     InputError
         Naming the file and the config key ``field``: missing, another format,
         not 2D (singleton axes are dropped), not of the tiles' yx shape, not
-        finite, or (a flatfield) not positive everywhere.
+        finite, or (``positive``, a flatfield) not positive everywhere.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -293,7 +295,7 @@ def read_profile(path: str | Path, *, shape_yx: Sequence[int], field: str) -> ND
     profile = profile.astype(np.float32)
     if not np.all(np.isfinite(profile)):
         raise InputError(str(path), field, "holds values that are not finite")
-    if field.endswith("flatfield") and not np.all(profile > 0):
+    if positive and not np.all(profile > 0):
         raise InputError(str(path), field, "a flatfield must be positive everywhere")
     return profile
 

@@ -52,6 +52,7 @@ __all__ = [
     "run_logged",
     "state_name",
     "store_identity",
+    "tile_corrections",
     "validate",
     "validate_memory_mb",
     "validate_runtime_min",
@@ -759,6 +760,62 @@ def corrections_paths(
     return out
 
 
+def tile_corrections(
+    plan: Plan,
+    *,
+    intensity_path: str | None = None,
+    flatfield_path: str | None = None,
+    darkfield_path: str | None = None,
+) -> dict[str, Any]:
+    """Each tile's :class:`~tilefusion.corrections.TileCorrection` from the correction files.
+
+    The flatfield step's profiles (one for every tile) and the intensity
+    step's gain and offset per tile; a tile the intensity file does not name
+    keeps gain 1 and offset 0. Empty when no file is given. The profile
+    arrays are shared by all tiles, not copied.
+
+    Raises
+    ------
+    InputError
+        A profile that does not fit the tiles' yx shape, or an intensity file
+        that is malformed (see :func:`tilefusion.intensity.read_intensity`).
+    """
+    import numpy as np
+
+    from tilefusion.corrections import TileCorrection
+    from tilefusion.intensity import TileIntensity, read_intensity
+
+    if not (intensity_path or flatfield_path):
+        return {}
+    gains = read_intensity(intensity_path) if intensity_path else {}
+    flat = dark = None
+    if flatfield_path:
+        from tilefusion.flatfield import read_profile
+
+        shape_yx = plan.tiles[0].shape_zyx[1:]
+        flat = read_profile(
+            flatfield_path, shape_yx=shape_yx, field="fusion.flatfield", positive=True
+        )
+        if darkfield_path:
+            dark = read_profile(darkfield_path, shape_yx=shape_yx, field="fusion.flatfield")
+            if not dark.any():
+                dark = None
+    out = {}
+    for tile in plan.tiles:
+        found = gains.get(tile.name, TileIntensity())
+        if flat is not None and tuple(tile.shape_zyx[1:]) != tuple(np.shape(flat)):
+            raise InputError(
+                str(flatfield_path),
+                "fusion.flatfield",
+                f"shape {list(np.shape(flat))} does not fit tile {tile.name} "
+                f"({list(tile.shape_zyx[1:])} yx)",
+            )
+        out[tile.name] = TileCorrection(
+            gain=found.gain, offset=found.offset, flatfield=flat, darkfield=dark
+        )
+    return out
+
+
 def estimate_flatfield(
     config: Mapping[str, Any], *, plan_path: str, flatfield_path: str, darkfield_path: str
 ) -> dict[str, Any]:
@@ -780,7 +837,10 @@ def estimate_flatfield(
             )
         shape_yx = shapes[0]
         flat = flatfield.read_profile(
-            settings["flatfield"], shape_yx=shape_yx, field="fusion.flatfield.flatfield"
+            settings["flatfield"],
+            shape_yx=shape_yx,
+            field="fusion.flatfield.flatfield",
+            positive=True,
         )
         dark = (
             flatfield.read_profile(
