@@ -483,3 +483,23 @@ def test_registration_that_rescales_is_not_a_new_world_unit():
     )
     plan = make_plan(Dataset("d.xml", "micrometer", (view,)), use_stored_levels=False)
     assert plan.world_unit_zyx == (2.0, 0.5, 0.5)
+
+
+def test_the_grid_file_holds_the_plan_less_its_tiles(tmp_path):
+    import os
+
+    from tilefusion.demo import demo_dataset
+    from tilefusion.plan import grid_path, make_plan, read_plan, read_plan_grid
+
+    plan = make_plan(demo_dataset(tmp_path / "d.xml"), chunks_zyx=(32, 64, 64), pyramid_levels=2)
+    path = tmp_path / "plan.json"
+    plan.write(path)
+    grid = read_plan_grid(path)
+    assert grid is not None and grid.tiles == ()
+    assert grid.levels == read_plan(path).levels
+    # A grid older than its plan (a plan step cut short between the two) is not used.
+    stamp = path.stat().st_mtime_ns
+    os.utime(grid_path(path), ns=(stamp - 10**9, stamp - 10**9))
+    assert read_plan_grid(path) is None
+    grid_path(path).unlink()
+    assert read_plan_grid(path) is None

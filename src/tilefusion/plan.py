@@ -55,6 +55,7 @@ __all__ = [
     "RangeCuts",
     "Shape3",
     "chunk_tile_pairs",
+    "grid_path",
     "level_allowance",
     "level_factor",
     "make_plan",
@@ -62,6 +63,7 @@ __all__ = [
     "range_chunks",
     "range_shards",
     "read_plan",
+    "read_plan_grid",
     "source_ranges",
     "tiles_for_chunks",
     "write_manifest",
@@ -332,8 +334,36 @@ class Plan:
         )
 
     def write(self, path: str | Path) -> None:
-        """Write the plan as JSON (atomically)."""
-        write_text_atomic(path, json.dumps(self.to_json(), indent=1))
+        """Write the plan as JSON (atomically), then its grid (see :func:`read_plan_grid`)."""
+        data = self.to_json()
+        write_text_atomic(path, json.dumps(data, indent=1))
+        grid = {key: value for key, value in data.items() if key != "tiles"}
+        write_text_atomic(grid_path(path), json.dumps(grid, indent=1))
+
+
+def grid_path(plan_path: str | Path) -> Path:
+    """The plan's grid file: the plan less its tiles, beside it."""
+    return Path(plan_path).with_name("grid.json")
+
+
+def read_plan_grid(plan_path: str | Path) -> Plan | None:
+    """The plan at ``plan_path`` without its tiles, from its grid file; None if out of date.
+
+    What a workflow job needs when Snakemake parses the workflow inside it
+    (levels and ranges), read in milliseconds where the whole plan of 10,000
+    tiles takes a second. The grid file is written after the plan, so one
+    older than the plan (or missing) is not used.
+    """
+    grid = grid_path(plan_path)
+    try:
+        if grid.stat().st_mtime_ns < Path(plan_path).stat().st_mtime_ns:
+            return None
+        data = json.loads(grid.read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("tilefusion_plan") != PLAN_VERSION:
+        return None
+    return Plan.from_json({**data, "tiles": []})
 
 
 def read_plan(path: str | Path) -> Plan:
