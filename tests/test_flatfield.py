@@ -161,3 +161,20 @@ def test_flatfield_step_estimates_or_checks_files(tmp_path, capsys):
     assert "fusion.flatfield: a darkfield needs planes of different brightness" in (
         capsys.readouterr().err
     )
+
+
+def test_a_missing_or_misfit_profile_stops_the_run_before_any_job(demo_xml, tmp_path):
+    config = load_config(
+        {
+            "dataset": str(demo_xml),
+            "output": {"path": str(tmp_path / "o.zarr")},
+            "fusion": {"flatfield": {"mode": "files", "flatfield": str(tmp_path / "f.npy")}},
+        }
+    )
+    with pytest.raises(InputError, match=r"f.npy: fusion.flatfield.flatfield: file not found"):
+        steps.plan_for_run(config)
+    np.save(tmp_path / "f.npy", np.ones((5, 5)))
+    with pytest.raises(InputError, match=r"shape \[5, 5\] is not the tiles' yx shape \[96, 96\]"):
+        steps.plan_for_run(config)
+    np.save(tmp_path / "f.npy", np.ones((96, 96)))
+    steps.plan_for_run(config)

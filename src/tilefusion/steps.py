@@ -27,6 +27,7 @@ from tilefusion.readers.base import Dataset
 __all__ = [
     "COMPLETION_FLAG",
     "assemble",
+    "check_corrections",
     "check_output_path",
     "check_state_owner",
     "completion_flag",
@@ -346,7 +347,39 @@ def plan_for_run(
     )
     if main_process:
         check_output_path(config, plan=plan, protected=protected)
+        check_corrections(config, plan)
     return plan
+
+
+def check_corrections(config: Mapping[str, Any], plan: Plan) -> None:
+    """Refuse, before any job runs, a flatfield that cannot fit the tiles.
+
+    One profile fits tiles of one yx shape; profiles given as files
+    (``fusion.flatfield.mode: files``) must exist and fit it (see
+    :func:`tilefusion.flatfield.read_profile`).
+    """
+    settings = config["fusion"]["flatfield"]
+    if settings["mode"] == "off" or not plan.tiles:
+        return
+    shapes = sorted({tuple(t.shape_zyx[1:]) for t in plan.tiles})
+    if len(shapes) != 1:
+        raise InputError(
+            plan.dataset,
+            "fusion.flatfield",
+            f"tiles differ in yx shape {[list(s) for s in shapes]}; one flatfield fits "
+            "tiles of one shape (fuse each shape on its own, or set mode off)",
+        )
+    if settings["mode"] == "files":
+        from tilefusion.flatfield import read_profile
+
+        for key in ("flatfield", "darkfield"):
+            if settings[key]:
+                read_profile(
+                    settings[key],
+                    shape_yx=shapes[0],
+                    field=f"fusion.flatfield.{key}",
+                    positive=key == "flatfield",
+                )
 
 
 def protected_paths(
