@@ -16,6 +16,9 @@ else:
     configfile: workflow.source_path("config/config.yaml")
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/plan.smk"
 
@@ -29,6 +32,7 @@ if CORRECTIONS:
 include: "workflow/rules/fuse.smk"
 include: "workflow/rules/assemble.smk"
 include: "workflow/rules/validate.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

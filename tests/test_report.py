@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import base64
+import re
+import shutil
 import struct
 import xml.etree.ElementTree as ET
 import zlib
 
 import numpy as np
 import pytest
+from pipeline import snakemake_run
 
 from tilefusion import report
 from tilefusion.plan import Level, Plan, PlannedTile
 from tilefusion.readers.base import ArraySource
 
 SVG = "{http://www.w3.org/2000/svg}"
+
+needs_snakemake = pytest.mark.skipif(
+    shutil.which("snakemake") is None, reason="snakemake not installed"
+)
 
 
 def _plan(boxes: list[tuple[tuple[float, ...], tuple[float, ...]]], shape=None) -> Plan:
@@ -277,3 +285,45 @@ def test_projections_read_slab_by_slab_match_the_volume_and_bound_the_read():
     sampled = volume[::3, ::3, ::3]
     for axis in range(3):
         np.testing.assert_array_equal(projections[axis], sampled.max(axis=axis))
+
+
+def _embedded(html: str) -> dict[str, bytes]:
+    """Files Snakemake embedded in its report, by file name."""
+    found = re.findall(
+        r"data:[^;\"]+;charset=[^;\"]+;filename=([^;\"]+);base64,([A-Za-z0-9+/=]+)", html
+    )
+    return {name: base64.b64decode(data) for name, data in found}
+
+
+@needs_snakemake
+def test_snakemake_report_holds_every_figure(tmp_path, demo_xml):
+    config = {
+        "dataset": str(demo_xml),
+        "output": {
+            "path": "fused.ome.zarr",
+            "chunks": [16, 32, 32],
+            "shards": [32, 64, 64],
+            "pyramid_levels": 2,
+        },
+        "fusion": {"chunks_per_range": 64},
+    }
+    run = snakemake_run(tmp_path, config)
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = tmp_path / "results" / "tilefusion" / "fused" / "report"
+    assert sorted(p.name for p in figures.iterdir()) == sorted(report.REPORT_FILES)
+    html_path = tmp_path / "report.html"
+    built = snakemake_run(tmp_path, config, "--report", str(html_path))
+    assert built.returncode == 0, built.stderr[-3000:]
+    html = html_path.read_text()
+    embedded = _embedded(html)
+    for name in report.REPORT_FILES:
+        assert embedded.get(name) == (figures / name).read_bytes(), name
+    # Captions (report/*.rst) and the workflow description, rendered.
+    assert "Maximum-intensity projection of the fused volume" in html
+    assert "Tile layout: every tile" in html
+    assert "format ome-zarr-0.5, with a multiscale pyramid" in html  # workflow.rst, rendered
+    layout = ET.fromstring(embedded["layout_xy.svg"])
+    assert len(_tiles(layout)) == 4  # the demo's four tiles
+    timings = (figures / "timings.tsv").read_text().splitlines()
+    assert len(timings) == 1 + 5 + 1  # header, 5 fuse ranges, 1 downsample range
+    assert all(line.split("\t")[6] for line in timings[1:])  # peak RSS of every job

@@ -6,6 +6,7 @@ from tilefusion import steps
 from tilefusion.config import DEMO_DATASET, load_config
 from tilefusion.errors import InputError
 from tilefusion.plan import read_plan, source_ranges
+from tilefusion.report import REPORT_FILES
 from tilefusion.summary import estimate_run, format_estimate
 
 # Cores of each fuse and downsample job (Snakemake scales them down with --cores).
@@ -109,7 +110,12 @@ wildcard_constraints:
 
 
 def get_final_output():
-    return [QC_REPORT, COMPLETE_FLAG]
+    # The report rule's figures: `snakemake --report` shows what a run made.
+    return [
+        QC_REPORT,
+        COMPLETE_FLAG,
+        *(f"{RESULTS}/report/{name}" for name in REPORT_FILES),
+    ]
 
 
 def get_plan_settings():

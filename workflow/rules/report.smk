@@ -67,6 +67,7 @@ rule report:
     conda:
         "../../envs/tilefusion.yaml"
     params:
-        benchmarks=BENCHMARKS,
+        # Where the jobs wrote them: under a module's prefix too (params are not moved).
+        benchmarks=made_here(BENCHMARKS),
     script:
         "../scripts/report.py"
