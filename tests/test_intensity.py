@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -252,3 +253,37 @@ def test_tile_corrections_are_built_from_the_correction_files(demo_xml, tmp_path
     np.save(tmp_path / "f.npy", np.ones((3, 3)))
     with pytest.raises(InputError, match=r"f.npy: fusion.flatfield: shape \[3, 3\]"):
         steps.tile_corrections(plan, flatfield_path=str(tmp_path / "f.npy"))
+
+
+REAL = Path("/work/shared/data/real-tiles/aind-cloud-fusion_real_data/tests/real_data/fused.zarr")
+
+
+@pytest.mark.skipif(not REAL.exists(), reason="shared real data not present")
+def test_gains_recovered_on_real_content_with_independent_noise(tmp_path):
+    # 2 x 2 overlapping crops of a real exaSPIM volume, each with its own
+    # Poisson noise, gain and offset, as four acquisitions of one sample
+    import yaml
+
+    source = zarr.open_array(str(REAL / "0"), mode="r")
+    content = source[0, 0, 30:62, 100:400, 100:700].astype(np.float64)
+    tiles = []
+    for k, (y0, x0) in enumerate([(0, 0), (0, 240), (120, 0), (120, 240)]):
+        crop = np.random.default_rng(k).poisson(content[:, y0 : y0 + 180, x0 : x0 + 360])
+        values = np.where(crop > 0, np.clip(np.rint(crop * GAINS[k] + OFFSETS[k]), 1, 65535), 0)
+        array = zarr.open_array(
+            str(tmp_path / f"t{k}.zarr"), mode="w", shape=values.shape, dtype="uint16"
+        )
+        array[...] = values.astype(np.uint16)
+        tiles.append(
+            {
+                "path": f"t{k}.zarr",
+                "voxel_size": [1.0, 1.0, 1.0],
+                "transforms": [{"translation": [0, y0, x0]}],
+            }
+        )
+    (tmp_path / "tiles.yaml").write_text(yaml.safe_dump({"tiles": tiles}))
+    plan = _plan(tmp_path / "tiles.yaml", tmp_path)
+    document = intensity.match_intensities(plan, threads=1)
+    found = np.array([document["tiles"][t.name]["gain"] for t in plan.tiles])
+    truth = 1.0 / np.array(GAINS)
+    np.testing.assert_allclose(found, truth / truth.mean(), rtol=0.02)
