@@ -85,6 +85,13 @@ def test_pair_fit_ignores_outliers():
     # a flat overlap cannot tell gain from offset: the gain alone is fitted
     flat = fit_pair(PairSamples((0, 1), np.zeros((100, 3)), np.full(100, 50.0), np.full(100, 60.0)))
     assert (flat.scale, flat.shift) == (pytest.approx(1.2), 0.0)
+    # noisy on both sides (signal-to-noise about 2): the slope is not pulled to 0
+    t = rng.uniform(50, 150, 4000)
+    noisy_a = t + rng.normal(0, 20, t.size)
+    noisy_b = 1.3 * t + 10 + rng.normal(0, 26, t.size)
+    noisy = fit_pair(PairSamples((0, 1), np.zeros((t.size, 3)), noisy_a, noisy_b))
+    assert noisy.scale == pytest.approx(1.3, rel=0.02)
+    assert noisy.shift == pytest.approx(10, abs=3)
     with pytest.raises(ValueError, match="model must be one of"):
         fit_pair(PairSamples((0, 1), np.zeros((1, 3)), a[:1], b[:1]), model="affine")
 

@@ -347,23 +347,32 @@ _HUBER_K = 1.345
 
 
 def _robust_lstsq(
-    design: NDArray[np.float64], target: NDArray[np.float64], *, iterations: int = 30
+    design: NDArray[np.float64],
+    target: NDArray[np.float64],
+    *,
+    iterations: int = 30,
+    prior: NDArray[np.float64] | None = None,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], float]:
-    """Huber-weighted least squares by iterative reweighting: coefficients, weights, scale."""
-    weights = np.ones(len(target))
+    """Huber-weighted least squares by iterative reweighting: coefficients, weights, scale.
+
+    ``prior`` multiplies the Huber weights (0 leaves a sample out).
+    """
+    prior = np.ones(len(target)) if prior is None else prior
+    weights = prior.copy()
     coef: NDArray[np.float64] = np.zeros(design.shape[1])
     scale = 0.0
     for _ in range(iterations):
         root = np.sqrt(weights)
         coef_new, *_ = np.linalg.lstsq(design * root[:, None], target * root, rcond=None)
         residual = target - design @ coef_new
-        scale = 1.4826 * float(np.median(np.abs(residual - np.median(residual))))
+        kept = residual[prior > 0]
+        scale = 1.4826 * float(np.median(np.abs(kept - np.median(kept)))) if len(kept) else 0.0
         done = np.allclose(coef_new, coef, rtol=1e-9, atol=1e-12)
         coef = np.asarray(coef_new, dtype=np.float64)
         if scale <= 0.0 or done:
             break
         u = np.abs(residual) / (_HUBER_K * scale)
-        weights = np.where(u <= 1.0, 1.0, 1.0 / np.maximum(u, 1e-300))
+        weights = prior * np.where(u <= 1.0, 1.0, 1.0 / np.maximum(u, 1e-300))
     return coef, weights, scale
 
 
@@ -384,7 +393,11 @@ def fit_pair(samples: PairSamples, *, model: Model = "gain_offset") -> PairFit:
     PairFit
         Huber weights (k = 1.345 robust standard deviations) down-weight
         samples that disagree: a structure in one tile only, a saturated or
-        bleached spot.
+        bleached spot. Both tiles' values are noisy, so ``scale`` is the
+        geometric mean of the robust slopes of ``b`` on ``a`` and of ``a`` on
+        ``b`` inverted (the first is biased low, the second high, by the
+        noise; a reduced-major-axis fit), ``shift`` follows from the weighted
+        means, with each sample's weight the smaller of its two.
     """
     if model not in _MODELS:
         raise ValueError(f"model must be one of {', '.join(_MODELS)}, got {model!r}")
@@ -394,12 +407,30 @@ def fit_pair(samples: PairSamples, *, model: Model = "gain_offset") -> PairFit:
         return PairFit(samples.tiles, 1.0, 0.0, 0, 0.0, 0.0)
     if model == "gain_offset" and np.std(a) <= 1e-3 * max(abs(float(np.mean(a))), 1e-12):
         model = "gain"
-    if model == "gain_offset":
-        coef, weights, resid = _robust_lstsq(np.column_stack([a, np.ones(n)]), b)
-        scale, shift = float(coef[0]), float(coef[1])
-    elif model == "gain":
-        coef, weights, resid = _robust_lstsq(a[:, None], b)
-        scale, shift = float(coef[0]), 0.0
+    if model in ("gain_offset", "gain"):
+        with_offset = model == "gain_offset"
+
+        def design(x: NDArray[np.float64]) -> NDArray[np.float64]:
+            return np.column_stack([x, np.ones(n)]) if with_offset else x[:, None]
+
+        # Both tiles are noisy: b on a underestimates the slope by the
+        # noise's share of a's variance (errors in variables), a on b
+        # overestimates it as much; their geometric mean does not.
+        forward, w_ab, spread = _robust_lstsq(design(a), b)
+        # Samples the forward fit rejects stay out of the backward one, where
+        # they would be leverage points (outliers in the regressor).
+        inlier = np.abs(b - design(a) @ forward) <= 3.0 * _HUBER_K * max(spread, 1e-300)
+        backward, w_ba, _ = _robust_lstsq(design(b), a, prior=inlier.astype(np.float64))
+        scale = float(forward[0])
+        if scale > 0 and backward[0] > 0:
+            scale = math.sqrt(scale / float(backward[0]))
+        weights = np.minimum(w_ab, w_ba)
+        shift = 0.0
+        if with_offset:
+            total = max(float(weights.sum()), 1e-300)
+            shift = float((weights * b).sum() / total - scale * (weights * a).sum() / total)
+        residual = b - (scale * a + shift)
+        resid = 1.4826 * float(np.median(np.abs(residual - np.median(residual))))
     else:
         coef, weights, resid = _robust_lstsq(np.ones((n, 1)), b - a)
         scale, shift = 1.0, float(coef[0])
