@@ -976,12 +976,13 @@ def fuse_memory_mb(plan: Plan, *, attempt: int = 1) -> int:
 
     The working set is one shard in the output type and as float32, plus
     the tile crops of one chunk (at most ``read_block`` voxels per tile), plus
-    about 600 MB for the interpreter, torch and numba.
+    1.2 GB for the interpreter, torch and numba: a cold numba compile (the
+    first job on a node, an empty cache) alone peaks near 600 MB.
     """
     level = plan.grid
     shard_voxels = math.prod(level.shards_zyx)
     shard_bytes = shard_voxels * (2 + 4)
-    working = 600 * 2**20 + 2 * shard_bytes
+    working = 1200 * 2**20 + 2 * shard_bytes
     return int(math.ceil(working / 2**20) * 2 ** (attempt - 1))
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 from tilefusion import steps
 from tilefusion.config import DEMO_DATASET, load_config
 from tilefusion.errors import InputError
-from tilefusion.plan import read_plan, source_ranges
+from tilefusion.plan import read_plan, read_plan_grid, source_ranges
 from tilefusion.report import REPORT_FILES
 from tilefusion.summary import estimate_run, format_estimate
 
@@ -71,7 +71,7 @@ try:
     if not workflow.is_main_process and Path(made_here(PLAN_JSON)).is_file():
         # A job (on a cluster node too) reads the plan its run made, instead of
         # planning the dataset again from its XML.
-        PLAN = read_plan(made_here(PLAN_JSON))
+        PLAN = read_plan_grid(made_here(PLAN_JSON)) or read_plan(made_here(PLAN_JSON))
     else:
         PLAN = steps.plan_for_run(
             config,
