@@ -46,6 +46,12 @@ def test_shaded_planes_are_corrected_to_within_2_percent():
     assert error.mean() < 0.005 and np.percentile(error, 99) < 0.02
     before = _relative_error(truth * shading, truth)
     assert before.mean() > 0.1
+    # estimated on 2 x 2 block means (as for large tiles), returned at full size
+    shaded = truth * shading
+    halves = shaded.reshape(len(shaded), 48, 2, 64, 2).mean(axis=(2, 4))
+    coarse, _ = flatfield.estimate_profiles(halves, shape_yx=SHAPE_YX)
+    assert coarse.shape == SHAPE_YX
+    np.testing.assert_allclose(coarse, shading / shading.mean(), rtol=0.02)
 
 
 def test_darkfield_is_estimated_from_planes_of_different_brightness():

@@ -112,37 +112,46 @@ def sample_planes(
     return np.stack(planes), shape_yx
 
 
-def _smooth(image: NDArray[np.float64], degree: int) -> NDArray[np.float64]:
+def _smooth(
+    image: NDArray[np.float64], degree: int, shape_yx: Sequence[int]
+) -> NDArray[np.float64]:
     """Least-squares fit of 2D Legendre polynomials up to ``degree`` per axis, ignoring NaN.
 
     Illumination profiles are smooth to the field's edges, where a smoothing
-    filter would bend them (it sees only one side).
+    filter would bend them (it sees only one side). The fit is evaluated at
+    the pixels of a tile of ``shape_yx`` (``image`` holds block means of
+    such a tile; see :func:`_resize` for where they lie), beyond the last
+    block centre too. ``degree < 0``: no fit, bilinear resampling.
     """
     from numpy.polynomial import legendre
 
     if degree < 0:
-        return image
+        return _resize(image, shape_yx)
     ny, nx = image.shape
     yy, xx = np.meshgrid(np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), indexing="ij")
     basis = legendre.legvander2d(yy.ravel(), xx.ravel(), [degree, degree])
     known = np.isfinite(image.ravel())
     coef, *_ = np.linalg.lstsq(basis[known], image.ravel()[known], rcond=None)
-    return np.asarray((basis @ coef).reshape(ny, nx), dtype=np.float64)
+    factor = np.asarray(shape_yx, dtype=np.float64) / np.asarray(image.shape)
+    # pixel p at block coordinate (p + 0.5) / f - 0.5, blocks at -1 .. 1
+    u_y, u_x = (
+        -1.0 + 2.0 * ((np.arange(n) + 0.5) / f - 0.5) / max(m - 1, 1)
+        for n, f, m in zip(shape_yx, factor, image.shape)
+    )
+    out = legendre.leggrid2d(u_y, u_x, coef.reshape(degree + 1, degree + 1))
+    return np.asarray(out, dtype=np.float64)
 
 
 def _resize(profile: NDArray[np.float64], shape_yx: Sequence[int]) -> NDArray[np.float64]:
-    """Bilinear resampling of a block-mean profile back to the tiles' pixels."""
+    """Bilinear resampling of a block-mean profile back to the tiles' pixels (edges clamped)."""
     if tuple(profile.shape) == tuple(shape_yx):
         return profile
-    from scipy import ndimage
-
     factor = np.asarray(shape_yx, dtype=np.float64) / np.asarray(profile.shape)
     # pixel p of the tile lies at block coordinate (p + 0.5) / f - 0.5
-    axes = [(np.arange(n) + 0.5) / f - 0.5 for n, f in zip(shape_yx, factor)]
-    yy, xx = np.meshgrid(*axes, indexing="ij")
-    return np.asarray(
-        ndimage.map_coordinates(profile, [yy, xx], order=1, mode="nearest"), dtype=np.float64
-    )
+    u_y, u_x = ((np.arange(n) + 0.5) / f - 0.5 for n, f in zip(shape_yx, factor))
+    blocks_y, blocks_x = (np.arange(n, dtype=np.float64) for n in profile.shape)
+    rows = np.stack([np.interp(u_x, blocks_x, row) for row in profile])
+    return np.stack([np.interp(u_y, blocks_y, column) for column in rows.T], axis=1)
 
 
 def estimate_profiles(
@@ -189,7 +198,8 @@ def estimate_profiles(
     data, medians = data[usable], medians[usable]
     if len(data) < 2:
         raise ValueError("a flatfield estimate needs at least 2 planes with data")
-    dark = np.zeros(data.shape[1:])
+    out_shape = tuple(shape_yx) if shape_yx is not None else data.shape[1:]
+    dark = np.zeros(out_shape)
     if darkfield:
         spread = (np.max(medians) - np.min(medians)) / np.median(medians)
         if spread < 0.05:
@@ -205,16 +215,14 @@ def estimate_profiles(
         s_k, i_k = slope[known], intercept[known]
         var = float(np.var(s_k))
         c = -float(np.mean((s_k - s_k.mean()) * (i_k - i_k.mean()))) / var if var > 0 else 0.0
-        dark = _smooth(intercept + slope * c, degree)
-        flat = _smooth(slope, degree)
+        dark = _smooth(intercept + slope * c, degree, out_shape)
+        flat = _smooth(slope, degree, out_shape)
     else:
         with np.errstate(invalid="ignore"):
-            flat = _smooth(np.nanmedian(data / medians[:, None, None], axis=0), degree)
+            median = np.nanmedian(data / medians[:, None, None], axis=0)
+        flat = _smooth(median, degree, out_shape)
     flat = flat / np.mean(flat)
-    out_shape = tuple(shape_yx) if shape_yx is not None else data.shape[1:]
-    flat_out = _resize(flat, out_shape)
-    dark_out = _resize(dark, out_shape) if darkfield else np.zeros(out_shape)
-    return flat_out.astype(np.float32), dark_out.astype(np.float32)
+    return flat.astype(np.float32), dark.astype(np.float32)
 
 
 def _robust_lines(
