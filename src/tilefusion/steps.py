@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tilefusion import fs
 from tilefusion.atomic import write_json_atomic
 from tilefusion.config import DEMO_DATASET, config_digest, load_config, without_defaults
 from tilefusion.errors import InputError
@@ -186,8 +187,8 @@ def load_dataset(
     """
     from tilefusion.readers import read_dataset
 
-    path = Path(config["dataset"])
-    if path.exists():
+    path = str(config["dataset"])
+    if fs.exists(path):
         dataset = read_dataset(path)
     elif demo_requested(config, demo_path=demo_path):
         from tilefusion.demo import demo_dataset
@@ -210,12 +211,12 @@ def load_dataset(
         selection["channel"] = channels[0] if channels else None
     selected = dataset.select(**selection)
     if not selected.views:
-        raise InputError(str(path), "selection", f"no view matches {selection}")
-    _one_value("timepoint", {v.timepoint for v in selected.views}, str(path))
+        raise InputError(path, "selection", f"no view matches {selection}")
+    _one_value("timepoint", {v.timepoint for v in selected.views}, path)
     _one_value(
         "channel",
         {v.attributes["channel"] for v in selected.views if "channel" in v.attributes},
-        str(path),
+        path,
     )
     if not metadata_only:
         from tilefusion.readers import check_arrays
@@ -338,7 +339,7 @@ def plan_for_run(
     :func:`check_output_path`; ``protected`` adds paths to keep, such as the
     config files). Job processes only need the plan's shape of ranges.
     """
-    opens_tiles = main_process and Path(config["dataset"]).exists()
+    opens_tiles = main_process and fs.exists(str(config["dataset"]))
     plan = plan_from_config(
         config,
         metadata_only=not opens_tiles,
@@ -431,11 +432,16 @@ def prepare(config: Mapping[str, Any], *, plan_path: str, record_path: str) -> d
             output["path"], "output.path", f"cannot write ({exc.strerror or exc})"
         ) from None
     # A new or resumed output is not complete until validate says so again.
-    Path(completion_flag(output["path"])).unlink(missing_ok=True)
+    fs.remove(completion_flag(output["path"]))
     log.info("output %s: %s (%s, %s)", output["path"], outcome, output["format"], dtype)
-    record = {"store": str(Path(output["path"]).resolve()), "outcome": outcome, "dtype": dtype}
+    record = {"store": _location(output["path"]), "outcome": outcome, "dtype": dtype}
     write_json(record_path, record)
     return record
+
+
+def _location(path: str) -> str:
+    """A path as records name it: a URL as given, a local path resolved."""
+    return path if fs.is_url(path) else str(Path(path).resolve())
 
 
 def refresh_inputs_record(
@@ -507,8 +513,8 @@ def repair_store(config: Mapping[str, Any], plan: Plan, *, levels: Sequence[int]
     from tilefusion.writer import layout_problem
 
     output = config["output"]
-    root = Path(output["path"])
-    if levels and not any(layout_problem(root / str(k)) for k in levels):
+    root = str(output["path"])
+    if levels and not any(layout_problem(fs.join(root, str(k))) for k in levels):
         return
     from tilefusion.store import format_from_name, repair_metadata
 
@@ -648,7 +654,7 @@ def assemble(
         window=(float(level0["min"]), float(level0["max"])),
         dtype_max=dtype_max,
     )
-    record = {"store": str(Path(output["path"]).resolve()), "metadata": metadata}
+    record = {"store": _location(output["path"]), "metadata": metadata}
     write_json(record_path, record)
     log.info(
         "OME-NGFF %s metadata written: %d levels, window %g-%g",

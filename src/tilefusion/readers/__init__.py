@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from tilefusion import fs
 from tilefusion.errors import InputError
 from tilefusion.readers.arrays import TileArray, open_array, register_memory_array
 from tilefusion.readers.base import ArraySource, Dataset, View
@@ -91,11 +92,24 @@ def check_arrays(dataset: Dataset) -> Dataset:
 
 
 def _stat_entry(path: str) -> list[object]:
+    if fs.is_url(path):
+        return _object_entry(path)
     try:
         info = os.stat(path)
     except OSError:
         return [path, None]
     return [path, info.st_size, info.st_mtime_ns]
+
+
+def _object_entry(url: str) -> list[object]:
+    """Size and version tag (ETag, else modification time) of an object at a URL."""
+    try:
+        filesystem, inner = fs.filesystem(url)
+        info = filesystem.info(inner)
+    except Exception:  # absent, no access, no backend: the dataset's reader says why
+        return [url, None]
+    tag = info.get("ETag") or info.get("LastModified") or info.get("mtime")
+    return [url, info.get("size"), str(tag)]
 
 
 _METADATA_NAMES = {".zarray", ".zattrs", ".zgroup", "zarr.json", "attributes.json"}
@@ -141,14 +155,17 @@ def inputs_fingerprint(
     """A short digest of the dataset file and every tile container's size and time.
 
     Changes when a tile is rewritten, so a run made before is not taken as
-    current; reads no pixels. Paths in ``exclude`` (the output, should it lie
-    inside a container) are left out.
+    current; reads no pixels. A dataset file at a URL counts with its size
+    and ETag; tile containers at URLs are not summarised (listing a
+    bucket's prefixes for every run would cost more than it saves). Paths
+    in ``exclude`` (the output, should it lie inside a container) are left
+    out.
     """
     skip = frozenset(os.path.abspath(p) for p in exclude)
     state: list[object] = [_stat_entry(str(dataset_path))]
     seen: set[str] = set()
     for source in sources:
-        if "://" in source.path or source.path in seen:
+        if fs.is_url(source.path) or source.path in seen:
             continue
         seen.add(source.path)
         state.append(_container_state(source, skip))
