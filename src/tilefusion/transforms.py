@@ -41,6 +41,7 @@ and in plans.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 import os
@@ -483,7 +484,7 @@ class Sequence(Transform):
         does, so an affine chain's matrix is bit for bit the composed model.
         """
         runs: list[Transform] = []
-        for item in self.items:
+        for item in _flat(self.items):
             matrix = item.as_affine()
             if matrix is not None and runs and isinstance(runs[-1], Affine):
                 runs[-1] = Affine(runs[-1].matrix @ matrix)
@@ -541,6 +542,14 @@ class Sequence(Transform):
             parse_transform(item, ctx.at(f".transformations[{k}]")) for k, item in enumerate(items)
         ]
         return cls(parsed[::-1], name=str(spec.get("name", "") or ""))
+
+
+def _flat(items: SequenceABC[Transform]) -> list[Transform]:
+    """Items with nested sequences expanded (same order), so their affines merge."""
+    out: list[Transform] = []
+    for item in items:
+        out.extend(_flat(item.items) if isinstance(item, Sequence) else [item])
+    return out
 
 
 class Bijection(Transform):
@@ -702,6 +711,12 @@ class _Field:
     origin: NDArray[np.float64]
     spacing: NDArray[np.float64]
 
+    @functools.cached_property
+    def extremes(self) -> tuple[Points, Points]:
+        """The smallest and largest value of each component."""
+        flat = self.values.reshape(-1, 3)
+        return flat.min(axis=0), flat.max(axis=0)
+
     def sample(self, points: Points) -> Points:
         """Trilinear interpolation of the field at ``points``, clamped at the grid's faces."""
         shape = np.asarray(self.values.shape[:3])
@@ -779,6 +794,8 @@ def _read_field(path: str, ctx: ParseContext) -> _Field:
 
 
 _MAX_ITERATIONS = 200
+# From this many points the compiled field code (transforms_numba) is used.
+_COMPILED_POINTS = 4096
 
 
 class Displacements(Transform):
@@ -816,6 +833,10 @@ class Displacements(Transform):
 
     def apply(self, points: ArrayLike) -> Points:
         pts = _as_points(points, 3)
+        if len(pts) >= _COMPILED_POINTS:
+            from tilefusion.transforms_numba import displace
+
+            return displace(pts, self.field)
         return pts + self.field.sample(pts)
 
     def inverse(self) -> InverseDisplacements:
@@ -823,10 +844,10 @@ class Displacements(Transform):
 
     def bounds(self, lo: ArrayLike, hi: ArrayLike) -> tuple[Points, Points]:
         # Every point moves by at least the smallest and at most the largest value.
-        values = self.field.values.reshape(-1, 3)
+        least, most = self.field.extremes
         return (
-            np.asarray(lo, dtype=np.float64) + np.minimum(values.min(axis=0), 0.0),
-            np.asarray(hi, dtype=np.float64) + np.maximum(values.max(axis=0), 0.0),
+            np.asarray(lo, dtype=np.float64) + np.minimum(least, 0.0),
+            np.asarray(hi, dtype=np.float64) + np.maximum(most, 0.0),
         )
 
     def max_displacement(self) -> float:
@@ -908,13 +929,24 @@ class InverseDisplacements(Transform):
 
     def apply(self, points: ArrayLike) -> Points:
         p = _as_points(points, 3)
+        tolerance = self.tolerance * _TIGHTER.get()
+        if len(p) >= _COMPILED_POINTS:
+            from tilefusion.transforms_numba import invert_displacement
+
+            q, worst = invert_displacement(p, self.of.field, tolerance, _MAX_ITERATIONS)
+            if worst <= tolerance:
+                return q
+            self._refuse(worst)
         q = p - self.of.field.sample(p)
         for _ in range(_MAX_ITERATIONS):
             residual = q + self.of.field.sample(q) - p
-            if not len(residual) or np.max(np.abs(residual)) <= self.tolerance:
+            if not len(residual) or np.max(np.abs(residual)) <= tolerance:
                 return q
             q = q - residual
-        worst = float(np.max(np.abs(q + self.of.field.sample(q) - p)))
+        self._refuse(float(np.max(np.abs(q + self.of.field.sample(q) - p))))
+        return q
+
+    def _refuse(self, worst: float) -> None:
         raise self.of._ctx.error(
             f"the displacement field {self.of.path} cannot be inverted numerically: "
             f"the fixed-point iteration did not converge to {self.tolerance:.3g} in "
@@ -926,10 +958,10 @@ class InverseDisplacements(Transform):
         return self.of
 
     def bounds(self, lo: ArrayLike, hi: ArrayLike) -> tuple[Points, Points]:
-        values = self.of.field.values.reshape(-1, 3)
+        least, most = self.of.field.extremes
         return (
-            np.asarray(lo, dtype=np.float64) - np.maximum(values.max(axis=0), 0.0),
-            np.asarray(hi, dtype=np.float64) - np.minimum(values.min(axis=0), 0.0),
+            np.asarray(lo, dtype=np.float64) - np.maximum(most, 0.0),
+            np.asarray(hi, dtype=np.float64) - np.minimum(least, 0.0),
         )
 
     def to_spec(self) -> dict[str, Any]:
@@ -1158,26 +1190,116 @@ def block_coordinates(
     shape_zyx: SequenceABC[int],
     *,
     device: str | None = None,
+    tolerance: float = 0.01,
 ) -> NDArray[np.float64]:
     """Tile coordinates of every voxel of an output block: a ``(3, Z, Y, X)`` array.
 
     ``output_to_tile`` maps output voxel indices (level 0) to tile voxel
-    indices; the block's voxels are ``lo + (k, j, i)``. On a CUDA ``device``
-    the transforms that can (affines, displacement fields and their numeric
-    inverses) are evaluated there with torch (float64); others on the CPU.
+    indices; the block's voxels are ``lo + (k, j, i)``.
+
+    On the CPU a map that is not affine is evaluated exactly on a lattice
+    of every 8th (else 4th, 2nd) voxel per axis, plus each axis's last, and
+    interpolated trilinearly in between, which is exact for the map's affine
+    part; a lattice is used only when, at the centre of every one of its
+    cells, the interpolated coordinates are within ``tolerance / 2`` tile
+    voxels of the exact ones (else the next finer, down to every voxel).
+    On a CUDA ``device`` every voxel is evaluated exactly with torch
+    (float64), for the transforms that can (affines, displacement fields and
+    their numeric inverses; others on the CPU).
     """
-    axes = [np.arange(n, dtype=np.float64) + a for a, n in zip(lo_zyx, shape_zyx)]
     shape = tuple(int(n) for n in shape_zyx)
+    lo = np.asarray(lo_zyx, dtype=np.float64)
+    matrix = output_to_tile.as_affine()
+    if matrix is not None:
+        axes = [np.arange(n, dtype=np.float64) + a for a, n in zip(lo, shape)]
+        grid = np.meshgrid(*axes, indexing="ij")
+        return np.stack(
+            [
+                ((matrix[d, 3] + matrix[d, 0] * grid[0]) + matrix[d, 1] * grid[1])
+                + matrix[d, 2] * grid[2]
+                for d in range(3)
+            ]
+        )
     if device is not None and str(device).startswith("cuda"):
         import torch
 
-        grid = torch.meshgrid(*[torch.as_tensor(a, device=device) for a in axes], indexing="ij")
-        pts = torch.stack([g.reshape(-1) for g in grid], dim=1)
+        axes_t = [
+            torch.arange(n, dtype=torch.float64, device=device) + float(a)
+            for a, n in zip(lo, shape)
+        ]
+        grid_t = torch.meshgrid(*axes_t, indexing="ij")
+        pts = torch.stack([g.reshape(-1) for g in grid_t], dim=1)
         out = _apply_torch(output_to_tile, pts)
         return np.ascontiguousarray(out.T.reshape((3, *shape)).cpu().numpy())
-    grid_np = np.meshgrid(*axes, indexing="ij")
-    pts_np = np.stack([g.ravel() for g in grid_np], axis=1)
-    return np.ascontiguousarray(output_to_tile.apply(pts_np).T.reshape((3, *shape)))
+    for step in (8, 4, 2):
+        if min(shape) < 2 or max(shape) <= step:
+            continue
+        nodes = [_lattice(n, step) for n in shape]
+        # Lattice points are inverted 100 times tighter: their own residual
+        # must not hide in (or spoil) the interpolation check.
+        token = _TIGHTER.set(0.01)
+        try:
+            exact = _evaluate(output_to_tile, lo, nodes)
+            centres = [(a[:-1] + a[1:]) / 2.0 if len(a) > 1 else a for a in nodes]
+            check = _evaluate(output_to_tile, lo, centres)
+        finally:
+            _TIGHTER.reset(token)
+        guess = _interpolate(exact, nodes, centres)
+        if np.max(np.abs(guess - check)) <= tolerance / 2.0:
+            from tilefusion.transforms_numba import interpolate_lattice
+
+            cells, fractions = [], []
+            for node, n in zip(nodes, shape):
+                target = np.arange(n, dtype=np.float64)
+                cell = np.clip(np.searchsorted(node, target, side="right") - 1, 0, len(node) - 2)
+                cells.append(cell.astype(np.int64))
+                fractions.append((target - node[cell]) / (node[cell + 1] - node[cell]))
+            return interpolate_lattice(exact, cells, fractions)
+    return _evaluate(output_to_tile, lo, [np.arange(n, dtype=np.float64) for n in shape])
+
+
+_TIGHTER: contextvars.ContextVar[float] = contextvars.ContextVar("tighter", default=1.0)
+"""Factor on numeric inverses' tolerance, for this thread's current evaluation."""
+
+
+def _lattice(n: int, step: int) -> NDArray[np.float64]:
+    nodes = np.arange(0, n, step, dtype=np.float64)
+    if nodes[-1] != n - 1:
+        nodes = np.append(nodes, float(n - 1))
+    return nodes
+
+
+def _evaluate(
+    transform: Transform, lo: NDArray[np.float64], axes: list[NDArray[np.float64]]
+) -> NDArray[np.float64]:
+    """The map at every point of a separable grid (block-local ``axes``), ``(3, ...)``."""
+    grid = np.meshgrid(*[a + o for a, o in zip(axes, lo)], indexing="ij")
+    pts = np.stack([g.ravel() for g in grid], axis=1)
+    shape = tuple(len(a) for a in axes)
+    return np.ascontiguousarray(transform.apply(pts).T.reshape((3, *shape)))
+
+
+def _interpolate(
+    values: NDArray[np.float64],
+    nodes: list[NDArray[np.float64]],
+    targets: list[NDArray[np.float64]],
+) -> NDArray[np.float64]:
+    """Trilinear interpolation of ``values`` (on the grid ``nodes``) at the grid ``targets``."""
+    out = values
+    for axis in range(3):
+        node, target = nodes[axis], targets[axis]
+        if len(node) == 1:
+            out = np.repeat(out, len(target), axis=axis + 1)
+            continue
+        cell = np.clip(np.searchsorted(node, target, side="right") - 1, 0, len(node) - 2)
+        t = (target - node[cell]) / (node[cell + 1] - node[cell])
+        shape = [1, 1, 1, 1]
+        shape[axis + 1] = len(target)
+        t = t.reshape(shape)
+        a = np.take(out, cell, axis=axis + 1)
+        b = np.take(out, cell + 1, axis=axis + 1)
+        out = a + t * (b - a)
+    return np.ascontiguousarray(out)
 
 
 def _apply_torch(transform: Transform, pts: Any) -> Any:
@@ -1201,9 +1323,11 @@ def _apply_torch(transform: Transform, pts: Any) -> Any:
         q = pts - _sample_torch(f, pts)
         for _ in range(_MAX_ITERATIONS):
             residual = q + _sample_torch(f, q) - pts
-            if not len(residual) or float(residual.abs().max()) <= transform.tolerance:
+            done = residual.abs().amax(dim=1) <= transform.tolerance
+            if bool(done.all()):
                 return q
-            q = q - residual
+            # Points stop where they converge, as the compiled CPU code's do.
+            q = torch.where(done[:, None], q, q - residual)
         transform.apply(q.cpu().numpy()[:1])  # raises the refusal, naming the field
         return q
     out = transform.apply(pts.cpu().numpy())
