@@ -294,3 +294,48 @@ def test_gains_recovered_on_real_content_with_independent_noise(tmp_path):
     found = np.array([document["tiles"][t.name]["gain"] for t in plan.tiles])
     truth = 1.0 / np.array(GAINS)
     np.testing.assert_allclose(found, truth / truth.mean(), rtol=0.02)
+
+
+def test_a_gain_grid_follows_gains_that_change_with_depth(demo_xml, tmp_path):
+    # each tile dims or brightens along z at its own rate: no scalar gain fits
+    xml = write_scaled_demo(tmp_path / "data", demo_xml)
+    plan = _plan(xml, tmp_path)
+    slopes = (0.3, -0.2, 0.1, 0.0)
+    for tile, slope in zip(plan.tiles, slopes):
+        array = zarr.open_array(f"{tile.source.path}/0", mode="r+")
+        depth = np.linspace(-0.5, 0.5, tile.shape_zyx[0])[:, None, None]
+        array[...] = np.clip(np.rint(array[:] * (1.0 + slope * depth)), 1, 65535).astype("uint16")
+
+    def spread(document):
+        # how much the corrected tiles still disagree inside each overlap
+        found = intensity.read_intensity_document(document)
+        worst = 0.0
+        for pair in intensity.overlapping_pairs(plan):
+            samples = intensity.sample_pair(plan, pair)
+            i, j = pair
+            ca = found[plan.tiles[i].name].apply(plan.tiles[i], samples.points, samples.a)
+            cb = found[plan.tiles[j].name].apply(plan.tiles[j], samples.points, samples.b)
+            worst = max(worst, float(np.std(cb / ca)))
+        return worst
+
+    scalar = intensity.match_intensities(plan, threads=1)
+    grid = intensity.match_intensities(plan, threads=1, grid_zyx=(3, 1, 1))
+    assert np.asarray(grid["tiles"]["t0-s0"]["gain"]).shape == (3, 1, 1)
+    assert spread(grid) < 0.01 < spread(scalar) / 3
+    means = [np.mean(grid["tiles"][t.name]["gain"]) for t in plan.tiles]
+    assert np.mean(means) == pytest.approx(1.0)
+    path = tmp_path / "grid.json"
+    intensity.write_intensity(path, grid)
+    assert intensity.read_intensity(path)["t0-s0"].gain.shape == (3, 1, 1)
+
+
+def test_a_gain_grid_with_the_offset_model_is_refused_before_any_job(demo_xml, tmp_path):
+    config = load_config(
+        {
+            "dataset": str(demo_xml),
+            "output": {"path": str(tmp_path / "fused.ome.zarr")},
+            "fusion": {"intensity_model": "offset", "intensity_grid": [2, 1, 1]},
+        }
+    )
+    with pytest.raises(InputError, match="fusion.intensity_grid: a gain grid needs"):
+        steps.plan_for_run(config)

@@ -109,10 +109,7 @@ def test_pair_agreement():
     rng = np.random.default_rng(1)
     a = rng.uniform(100, 200, 500)
     samples = PairSamples((0, 1), np.zeros((500, 3)), a, 1.25 * a)
-    out = seams.pair_agreement(
-        samples,
-        corrections={0: intensity.TileIntensity(1.0, 0.0), 1: intensity.TileIntensity(0.8, 0.0)},
-    )
+    out = seams.pair_agreement(samples, corrected=(a, 0.8 * samples.b))
     assert out["ncc"] == pytest.approx(1.0)
     assert out["ratio"] == pytest.approx(1.25)
     assert out["ratio_corrected"] == pytest.approx(1.0)

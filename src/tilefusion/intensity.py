@@ -50,9 +50,11 @@ __all__ = [
     "match_intensities",
     "overlapping_pairs",
     "read_intensity",
+    "read_intensity_document",
     "read_points",
     "sample_pair",
     "solve_global",
+    "solve_grid",
     "write_intensity",
 ]
 
@@ -70,10 +72,30 @@ _CROP_VOXELS = 1 << 23
 
 @dataclass(frozen=True)
 class TileIntensity:
-    """A tile's correction: ``corrected = raw * gain + offset``."""
+    """A tile's correction: ``corrected = raw * gain + offset``.
 
-    gain: float = 1.0
+    ``gain`` is a scalar, or a coarse (gz, gy, gx) grid over the tile
+    interpolated trilinearly (nodes on the corner voxels' centres, see
+    :func:`tilefusion.corrections.sample_grid`).
+    """
+
+    gain: float | NDArray[np.float64] = 1.0
     offset: float = 0.0
+
+    def at(self, tile: PlannedTile, points: NDArray[np.float64]) -> NDArray[np.float64]:
+        """The gain at output points (N, 3) of ``tile``."""
+        if np.ndim(self.gain) == 0:
+            return np.full(len(points), float(self.gain))
+        from tilefusion.corrections import sample_grid
+
+        coords = geometry.transform_points(geometry.invert(tile.tile_to_output), points)
+        return sample_grid(self.gain, coords.T, tile.shape_zyx)
+
+    def apply(
+        self, tile: PlannedTile, points: NDArray[np.float64], values: NDArray[np.float64]
+    ) -> NDArray[np.float64]:
+        """Corrected ``values`` of ``tile`` at output points (N, 3)."""
+        return self.at(tile, points) * values + self.offset
 
 
 @dataclass(frozen=True)
@@ -519,6 +541,186 @@ def solve_global(
     return [TileIntensity(float(g), float(o)) for g, o in zip(gains, offsets)]
 
 
+def _grid_weights(
+    coords: NDArray[np.float64], shape: Sequence[int], grid: Sequence[int]
+) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """Flat node indices (N, 8) and trilinear weights (N, 8) of tile coordinates on a grid.
+
+    Node ``i`` of an axis with ``g`` nodes sits at ``i * (size - 1) / (g - 1)``,
+    as :func:`tilefusion.corrections.sample_grid` interpolates.
+    """
+    base, frac = [], []
+    for axis in range(3):
+        g = int(grid[axis])
+        span = max(int(shape[axis]) - 1, 1)
+        u = np.clip(coords[:, axis] * ((g - 1) / span), 0.0, g - 1.0) if g > 1 else 0 * coords[:, 0]
+        i0 = np.minimum(np.floor(u).astype(np.int64), max(g - 2, 0))
+        base.append(i0)
+        frac.append(u - i0 if g > 1 else 0.0 * u)
+    index, weight = [], []
+    for dz in (0, 1):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                iz = np.minimum(base[0] + dz, grid[0] - 1)
+                iy = np.minimum(base[1] + dy, grid[1] - 1)
+                ix = np.minimum(base[2] + dx, grid[2] - 1)
+                w = (
+                    (frac[0] if dz else 1 - frac[0])
+                    * (frac[1] if dy else 1 - frac[1])
+                    * (frac[2] if dx else 1 - frac[2])
+                )
+                index.append((iz * grid[1] + iy) * grid[2] + ix)
+                weight.append(np.asarray(w, dtype=np.float64))
+    return np.stack(index, axis=1), np.stack(weight, axis=1)
+
+
+def _sparse_lstsq(
+    rows: NDArray[np.int64],
+    cols: NDArray[np.int64],
+    vals: NDArray[np.float64],
+    rhs: NDArray[np.float64],
+    n_cols: int,
+    x0: NDArray[np.float64],
+    *,
+    iterations: int = 500,
+) -> NDArray[np.float64]:
+    """Least squares of a sparse (COO) system by conjugate gradients on the normal equations."""
+    n_rows = len(rhs)
+
+    def forward(x: NDArray[np.float64]) -> NDArray[np.float64]:
+        return np.asarray(np.bincount(rows, weights=vals * x[cols], minlength=n_rows), float)
+
+    def backward(y: NDArray[np.float64]) -> NDArray[np.float64]:
+        return np.asarray(np.bincount(cols, weights=vals * y[rows], minlength=n_cols), float)
+
+    x = x0.copy()
+    r = backward(rhs - forward(x))
+    p = r.copy()
+    rr = float(r @ r)
+    start = rr
+    for _ in range(iterations):
+        if rr <= 1e-24 * max(start, 1e-300):
+            break
+        ap = forward(p)
+        alpha = rr / max(float(ap @ ap), 1e-300)
+        x += alpha * p
+        r -= alpha * backward(ap)
+        rr_new = float(r @ r)
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return x
+
+
+def solve_grid(
+    plan: Plan,
+    samples: Sequence[PairSamples],
+    fits: Sequence[PairFit],
+    scalar: Sequence[TileIntensity],
+    *,
+    grid_zyx: Sequence[int],
+    model: Model = "gain_offset",
+    smoothness: float = 0.03,
+    rows_per_pair: int = 2048,
+) -> list[TileIntensity]:
+    """Per-tile gain grids (and scalar offsets) from every pair's samples at once.
+
+    Each sample of pair ``(i, j)`` asks for ``G_i(p)·a + o_i = G_j(p)·b + o_j``,
+    ``G`` a tile's gain grid interpolated trilinearly at the sample's place
+    in that tile; rows are divided by the pair's mean intensity and weighted
+    by the pair fit's Huber weight of the sample (samples the scalar fit
+    rejects stay rejected). Neighbouring nodes of a grid are tied by
+    ``smoothness`` (relative to the rows a tile has), every node weakly to
+    the tile's scalar gain (so a node no sample reaches keeps it). Solved
+    by conjugate gradients, started from the scalar solution; then each
+    connected group is scaled to mean gain 1 and shifted to mean offset 0.
+    """
+    grid = tuple(int(g) for g in grid_zyx)
+    if len(grid) != 3 or min(grid) < 1:
+        raise ValueError(f"grid_zyx must be 3 positive integers, got {grid_zyx}")
+    nodes = math.prod(grid)
+    n_tiles = len(plan.tiles)
+    with_offset = model == "gain_offset"
+    n_cols = n_tiles * nodes + (n_tiles if with_offset else 0)
+    row_parts: list[NDArray[np.int64]] = []
+    col_parts: list[NDArray[np.int64]] = []
+    val_parts: list[NDArray[np.float64]] = []
+    rhs_parts: list[NDArray[np.float64]] = []
+    count = 0
+    per_tile = np.zeros(n_tiles)
+    for smp, fit in zip(samples, fits):
+        step = max(1, len(smp.a) // rows_per_pair)
+        a, b, pts = smp.a[::step], smp.b[::step], smp.points[::step]
+        if not len(a):
+            continue
+        residual = b - (fit.scale * a + fit.shift)
+        u = np.abs(residual) / (_HUBER_K * max(fit.residual, 1e-12))
+        weight = np.sqrt(np.where(u <= 1.0, 1.0, 1.0 / np.maximum(u, 1e-300)))
+        weight /= max(float(np.mean(np.abs(a) + np.abs(b))) / 2.0, 1e-12)
+        n = len(a)
+        rows = count + np.arange(n)
+        i, j = smp.tiles
+        for tile_index, values, sign in ((i, a, 1.0), (j, b, -1.0)):
+            tile = plan.tiles[tile_index]
+            coords = geometry.transform_points(geometry.invert(tile.tile_to_output), pts)
+            idx, w = _grid_weights(coords, tile.shape_zyx, grid)
+            row_parts.append(np.repeat(rows, 8))
+            col_parts.append((tile_index * nodes + idx).ravel())
+            val_parts.append((sign * weight[:, None] * w * values[:, None]).ravel())
+            if with_offset:
+                row_parts.append(rows)
+                col_parts.append(np.full(n, n_tiles * nodes + tile_index))
+                val_parts.append(sign * weight)
+            per_tile[tile_index] += n
+        rhs_parts.append(np.zeros(n))
+        count += n
+    # ties between neighbouring nodes, and of each node to the scalar gain
+    strides = (grid[1] * grid[2], grid[2], 1)
+    flat_nodes = np.arange(nodes)
+    node_zyx = np.stack(np.unravel_index(flat_nodes, grid), axis=1)
+    x0 = np.zeros(n_cols)
+    for t in range(n_tiles):
+        scalar_gain = float(np.mean(scalar[t].gain))
+        x0[t * nodes : (t + 1) * nodes] = scalar_gain
+        if with_offset:
+            x0[n_tiles * nodes + t] = scalar[t].offset
+        tie = smoothness * math.sqrt(max(per_tile[t], 1.0) / nodes)
+        for axis in range(3):
+            near = flat_nodes[node_zyx[:, axis] < grid[axis] - 1]
+            if not len(near):
+                continue
+            rows = count + np.arange(len(near))
+            row_parts += [rows, rows]
+            col_parts += [t * nodes + near, t * nodes + near + strides[axis]]
+            val_parts += [np.full(len(near), tie), np.full(len(near), -tie)]
+            rhs_parts.append(np.zeros(len(near)))
+            count += len(near)
+        prior = 1e-3 * tie
+        rows = count + flat_nodes
+        row_parts.append(rows)
+        col_parts.append(t * nodes + flat_nodes)
+        val_parts.append(np.full(nodes, prior))
+        rhs_parts.append(np.full(nodes, prior * scalar_gain))
+        count += nodes
+    solution = _sparse_lstsq(
+        np.concatenate(row_parts),
+        np.concatenate(col_parts),
+        np.concatenate(val_parts),
+        np.concatenate(rhs_parts),
+        n_cols,
+        x0,
+    )
+    gains = solution[: n_tiles * nodes].reshape(n_tiles, nodes)
+    offsets = solution[n_tiles * nodes :] if with_offset else np.zeros(n_tiles)
+    for members in _components(n_tiles, [f for f in fits if f.inliers > 0 and f.scale > 0]):
+        scale = float(np.mean(gains[members]))
+        gains[members] /= scale
+        offsets[members] = offsets[members] / scale
+        offsets[members] -= float(np.mean(offsets[members]))
+    if np.any(gains <= 0):
+        raise ValueError("intensity matching found non-positive gains in a grid")
+    return [TileIntensity(gains[t].reshape(grid).copy(), float(offsets[t])) for t in range(n_tiles)]
+
+
 def match_intensities(
     plan: Plan,
     *,
@@ -527,6 +729,7 @@ def match_intensities(
     min_samples: int = 64,
     threads: int | None = None,
     profiles: Profiles | None = None,
+    grid_zyx: Sequence[int] = (1, 1, 1),
 ) -> dict[str, Any]:
     """Estimate every tile's gain and offset from the plan's overlaps.
 
@@ -545,6 +748,10 @@ def match_intensities(
     profiles : (flatfield, darkfield), optional
         Illumination profiles the fusion applies before the gains: the pairs
         are fitted on corrected values (see :func:`sample_pair`).
+    grid_zyx : sequence of 3 ints
+        Nodes of each tile's gain grid (default one: a scalar gain); more
+        nodes follow gains that vary inside a tile (attenuation with depth,
+        uneven illumination left by the flatfield), see :func:`solve_grid`.
 
     Returns
     -------
@@ -577,6 +784,11 @@ def match_intensities(
             "intensity: %d of %d pairs have under %d samples", skipped, len(pairs), min_samples
         )
     solution = solve_global(len(plan.tiles), fits, model=model)
+    if tuple(grid_zyx) != (1, 1, 1):
+        if model == "offset":
+            raise ValueError("a gain grid needs a model with a gain (gain_offset or gain)")
+        kept_samples = [smp for smp, fit in results if fit.samples >= min_samples]
+        solution = solve_grid(plan, kept_samples, fits, solution, grid_zyx=grid_zyx, model=model)
     names = [t.name for t in plan.tiles]
     kept = {fit.tiles for fit in fits}
     pair_docs = []
@@ -584,8 +796,8 @@ def match_intensities(
         if fit.tiles not in kept:
             continue
         i, j = fit.tiles
-        ca = solution[i].gain * samples.a + solution[i].offset
-        cb = solution[j].gain * samples.b + solution[j].offset
+        ca = solution[i].apply(plan.tiles[i], samples.points, samples.a)
+        cb = solution[j].apply(plan.tiles[j], samples.points, samples.b)
         pair_docs.append(
             {
                 "tiles": [names[i], names[j]],
@@ -601,13 +813,17 @@ def match_intensities(
         "intensity: %d tiles, %d pairs fitted, gains %.4g..%.4g",
         len(names),
         len(fits),
-        min(s.gain for s in solution),
-        max(s.gain for s in solution),
+        min(float(np.min(s.gain)) for s in solution),
+        max(float(np.max(s.gain)) for s in solution),
     )
     return {
         "tilefusion_intensity": INTENSITY_VERSION,
         "model": model,
-        "tiles": {n: {"gain": s.gain, "offset": s.offset} for n, s in zip(names, solution)},
+        "grid_zyx": list(grid_zyx),
+        "tiles": {
+            n: {"gain": np.asarray(s.gain).tolist(), "offset": s.offset}
+            for n, s in zip(names, solution)
+        },
         "pairs": pair_docs,
     }
 
@@ -633,6 +849,14 @@ def read_intensity(path: str | Path) -> dict[str, TileIntensity]:
         raise InputError(str(path), "", "intensity file not found") from None
     except (OSError, ValueError) as exc:
         raise InputError(str(path), "", f"not an intensity file ({exc})") from None
+    return read_intensity_document(data, source=str(path))
+
+
+def read_intensity_document(
+    data: Any, *, source: str = "intensity document"
+) -> dict[str, TileIntensity]:
+    """:func:`read_intensity` of a document already loaded (``source`` names it in errors)."""
+    path = source
     if not isinstance(data, dict) or data.get("tilefusion_intensity") != INTENSITY_VERSION:
         raise InputError(str(path), "tilefusion_intensity", "not an intensity file of this version")
     tiles = data.get("tiles")
@@ -641,12 +865,18 @@ def read_intensity(path: str | Path) -> dict[str, TileIntensity]:
     out = {}
     for name, entry in tiles.items():
         try:
-            gain, offset = float(entry["gain"]), float(entry["offset"])
+            gain = np.asarray(entry["gain"], dtype=np.float64)
+            offset = float(entry["offset"])
         except (TypeError, KeyError, ValueError):
             raise InputError(str(path), f"tiles.{name}", "needs numbers gain and offset") from None
-        if not (math.isfinite(gain) and gain > 0 and math.isfinite(offset)):
+        if gain.ndim not in (0, 3) or not gain.size:
+            raise InputError(str(path), f"tiles.{name}.gain", "a number or a (z, y, x) grid")
+        if not (np.all(np.isfinite(gain)) and np.all(gain > 0) and math.isfinite(offset)):
+            shown = float(gain) if gain.ndim == 0 else "grid"
             raise InputError(
-                str(path), f"tiles.{name}", f"gain {gain} must be positive, offset {offset} finite"
+                str(path),
+                f"tiles.{name}",
+                f"gain {shown} must be positive, offset {offset} finite",
             )
-        out[str(name)] = TileIntensity(gain, offset)
+        out[str(name)] = TileIntensity(float(gain) if gain.ndim == 0 else gain, offset)
     return out

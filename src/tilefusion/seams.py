@@ -64,9 +64,11 @@ _PROBES = (0.125, 0.25, 0.5, 1.0)
 
 
 def pair_agreement(
-    samples: PairSamples, *, corrections: Mapping[int, TileIntensity] | None = None
+    samples: PairSamples,
+    *,
+    corrected: tuple[NDArray[np.float64], NDArray[np.float64]] | None = None,
 ) -> dict[str, Any]:
-    """``ncc`` and ``ratio`` (and ``ratio_corrected``) of one pair's samples."""
+    """``ncc`` and ``ratio`` of one pair's samples (``ratio_corrected`` of ``corrected``)."""
     a, b = samples.a, samples.b
     out: dict[str, Any] = {"samples": len(a), "ncc": None, "ratio": None}
     if len(a) >= 2:
@@ -75,11 +77,8 @@ def pair_agreement(
             out["ncc"] = float(np.mean((a - a.mean()) * (b - b.mean())) / (sa * sb))
         if float(np.mean(a)) != 0:
             out["ratio"] = float(np.mean(b) / np.mean(a))
-        if corrections is not None:
-            i, j = samples.tiles
-            ci, cj = corrections.get(i, TileIntensity()), corrections.get(j, TileIntensity())
-            mean_a = float(np.mean(a * ci.gain + ci.offset))
-            mean_b = float(np.mean(b * cj.gain + cj.offset))
+        if corrected is not None:
+            mean_a, mean_b = float(np.mean(corrected[0])), float(np.mean(corrected[1]))
             out["ratio_corrected"] = mean_b / mean_a if mean_a else None
     return out
 
@@ -273,11 +272,6 @@ def seam_metrics(
         ``max(r, 1/r)``), and ``ratio_corrected_worst``.
     """
     names = [t.name for t in plan.tiles]
-    by_index = (
-        {i: corrections.get(n, TileIntensity()) for i, n in enumerate(names)}
-        if corrections is not None
-        else None
-    )
     arrays = OpenArrays()
     fused = ArraySource("zarr", str(store_path), "0")
     per_face = max(16, min(points_per_face, max_points // max(6 * len(plan.tiles), 1)))
@@ -296,7 +290,18 @@ def seam_metrics(
     pairs = []
     for pair, samples in zip(overlapping, sampled):
         entry: dict[str, Any] = {"tiles": [names[pair[0]], names[pair[1]]]}
-        entry.update(pair_agreement(samples, corrections=by_index))
+        corrected = None
+        if corrections is not None:
+            i, j = pair
+            corrected = (
+                corrections.get(names[i], TileIntensity()).apply(
+                    plan.tiles[i], samples.points, samples.a
+                ),
+                corrections.get(names[j], TileIntensity()).apply(
+                    plan.tiles[j], samples.points, samples.b
+                ),
+            )
+        entry.update(pair_agreement(samples, corrected=corrected))
         e, s, n = contrast.get(pair, (0.0, 0.0, 0))
         entry["seam_probes"] = n
         entry["seam_contrast"] = e / s if s > 0 else None

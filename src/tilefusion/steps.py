@@ -352,13 +352,24 @@ def plan_for_run(
     return plan
 
 
-def check_corrections(config: Mapping[str, Any], plan: Plan) -> None:
-    """Refuse, before any job runs, a flatfield that cannot fit the tiles.
+def _check_intensity_grid(fusion: Mapping[str, Any]) -> None:
+    if fusion["intensity_model"] == "offset" and list(fusion["intensity_grid"]) != [1, 1, 1]:
+        raise InputError(
+            "config",
+            "fusion.intensity_grid",
+            "a gain grid needs intensity_model gain or gain_offset, not offset",
+        )
 
-    One profile fits tiles of one yx shape; profiles given as files
-    (``fusion.flatfield.mode: files``) must exist and fit it (see
-    :func:`tilefusion.flatfield.read_profile`).
+
+def check_corrections(config: Mapping[str, Any], plan: Plan) -> None:
+    """Refuse, before any job runs, corrections that cannot be made.
+
+    A gain grid needs a gain (``fusion.intensity_grid`` with
+    ``intensity_model: offset`` is refused). One profile fits tiles of one yx
+    shape; profiles given as files (``fusion.flatfield.mode: files``) must
+    exist and fit it (see :func:`tilefusion.flatfield.read_profile`).
     """
+    _check_intensity_grid(config["fusion"])
     settings = config["fusion"]["flatfield"]
     if settings["mode"] == "off" or not plan.tiles:
         return
@@ -932,8 +943,14 @@ def estimate_intensity(
         flat = np.load(flatfield_path)
         dark = np.load(darkfield_path) if darkfield_path else np.zeros_like(flat)
         profiles = (flat, dark)
+    fusion = config["fusion"]
+    _check_intensity_grid(fusion)
     document = match_intensities(
-        plan, model=config["fusion"]["intensity_model"], threads=threads, profiles=profiles
+        plan,
+        model=fusion["intensity_model"],
+        threads=threads,
+        profiles=profiles,
+        grid_zyx=fusion["intensity_grid"],
     )
     write_intensity(output, document)
     return document
