@@ -337,5 +337,5 @@ def test_a_gain_grid_with_the_offset_model_is_refused_before_any_job(demo_xml, t
             "fusion": {"intensity_model": "offset", "intensity_grid": [2, 1, 1]},
         }
     )
-    with pytest.raises(InputError, match="fusion.intensity_grid: a gain grid needs"):
+    with pytest.raises(InputError, match=r"fusion\.intensity_grid: a gain grid needs"):
         steps.plan_for_run(config)
