@@ -5,7 +5,8 @@ depth); fused, they show seams. For each pair of tiles whose boxes overlap,
 :func:`sample_pair` reads both tiles at the same output points (a coarse
 grid over the overlap, linear interpolation through each tile's map, only
 points where both tiles have data), :func:`fit_pair` fits ``b ≈ s·a + t``
-robustly (Huber weights, iteratively reweighted), and :func:`solve_global`
+robustly (Huber weights, iteratively reweighted, symmetric in the two noisy
+tiles), and :func:`solve_global`
 finds per-tile ``gain`` and ``offset`` such that
 
     gain_i · a + offset_i ≈ gain_j · b + offset_j
@@ -13,7 +14,8 @@ finds per-tile ``gain`` and ``offset`` such that
 on every pair, in the least-squares sense, with the mean gain anchored at 1
 and the mean offset at 0 in every connected group of tiles (without the
 anchor, all gains 0 would solve it). Corrected values are ``raw · gain +
-offset``. The gains are one scalar per tile (no spatial grid of gains).
+offset``. The gain is one scalar per tile, or on request a coarse grid of
+gains over each tile (:func:`solve_grid`, from every pair's samples at once).
 
 :func:`match_intensities` runs all of it on a plan and :func:`write_intensity`
 / :func:`read_intensity` keep the result as JSON.
