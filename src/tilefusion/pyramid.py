@@ -33,16 +33,57 @@ def downsample_mean(block: NDArray[Any], factor: tuple[int, int, int]) -> NDArra
 
     Trailing partial blocks average the voxels they have.
     """
-    padded_shape = [math.ceil(s / f) * f for s, f in zip(block.shape, factor)]
-    data = np.zeros(padded_shape, dtype=np.float32)
-    data[: block.shape[0], : block.shape[1], : block.shape[2]] = block
-    out_shape = [p // f for p, f in zip(padded_shape, factor)]
-    blocks = data.reshape(out_shape[0], factor[0], out_shape[1], factor[1], out_shape[2], factor[2])
-    total = blocks.sum(axis=(1, 3, 5), dtype=np.float64)
-    count = np.count_nonzero(blocks, axis=(1, 3, 5))
+    if np.issubdtype(block.dtype, np.integer) and block.dtype.itemsize <= 2:
+        total, count = _integer_sums(block, factor)
+    else:
+        padded_shape = [math.ceil(s / f) * f for s, f in zip(block.shape, factor)]
+        data = np.zeros(padded_shape, dtype=np.float32)
+        data[: block.shape[0], : block.shape[1], : block.shape[2]] = block
+        out_shape = [p // f for p, f in zip(padded_shape, factor)]
+        blocks = data.reshape(
+            out_shape[0], factor[0], out_shape[1], factor[1], out_shape[2], factor[2]
+        )
+        total = blocks.sum(axis=(1, 3, 5), dtype=np.float64)
+        count = np.count_nonzero(blocks, axis=(1, 3, 5))
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, total / np.maximum(count, 1), 0.0)
     return mean.astype(np.float32)
+
+
+def _integer_sums(
+    block: NDArray[Any], factor: tuple[int, int, int]
+) -> tuple[NDArray[np.uint32], NDArray[np.uint8]]:
+    """Sums and non-zero counts of each ``factor`` block of a small-integer block.
+
+    Exact (a uint32 sum of at most 8 values of 16 bits), so the mean equals the
+    float64 one; axes are halved one at a time on contiguous slices instead of
+    reducing a six-axis view, and the division runs on the reduced block only.
+    """
+    padded = [math.ceil(s / f) * f for s, f in zip(block.shape, factor)]
+    if list(block.shape) != padded:
+        # Zero padding adds nothing to a sum or a count of voxels with data.
+        grown = np.zeros(padded, dtype=block.dtype)
+        grown[: block.shape[0], : block.shape[1], : block.shape[2]] = block
+        block = grown
+    total: NDArray[Any] = block.astype(np.uint32)
+    count: NDArray[Any] = (block != 0).view(np.uint8)
+    for axis, f in enumerate(factor):
+        if f == 1:
+            continue
+        total = _fold(total, axis, f)
+        count = _fold(count, axis, f)
+    return total, count
+
+
+def _fold(data: NDArray[Any], axis: int, factor: int) -> NDArray[Any]:
+    """Sum every ``factor`` consecutive planes of ``data`` along ``axis``."""
+    index: list[slice] = [slice(None)] * 3
+    index[axis] = slice(0, None, factor)
+    out = data[tuple(index)].copy()
+    for k in range(1, factor):
+        index[axis] = slice(k, None, factor)
+        out += data[tuple(index)]
+    return out
 
 
 def downsample_range(
